@@ -1,0 +1,154 @@
+//! The composition root: builds every component from the [`Config`], binds the listeners, and runs the
+//! long-lived tasks until shutdown, stopping them in order (not ready → stop accepting → drain → stop
+//! watching).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::credentials::Cache;
+use crate::pods::Store;
+use crate::server::admin::Admin;
+use crate::server::imds::Imds;
+use crate::server::session::Sessions;
+use crate::{credentials, pods, server, sts, token};
+
+/// A built, not yet running agent.
+pub struct App {
+    config: Config,
+    imds_listener: TcpListener,
+    admin_listener: TcpListener,
+    registry: Registry,
+    store: Store,
+    cache: Cache,
+    imds: Arc<Imds>,
+    watcher: pods::watch::Watcher,
+    events: mpsc::Receiver<pods::Event>,
+}
+
+impl App {
+    /// Builds the agent: binds both listeners, builds the clients, registers metrics.
+    pub async fn build(config: Config, client: kube::Client) -> anyhow::Result<Self> {
+        let imds_listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding the IMDS endpoint on {}", config.listen))?;
+        let admin_listener = TcpListener::bind(config.metrics_listen)
+            .await
+            .with_context(|| format!("binding the admin endpoint on {}", config.metrics_listen))?;
+        let registry = crate::metrics::registry()?;
+        let store = Store::new();
+        let (events_tx, events) = mpsc::channel(1024);
+        let watcher = pods::watch::Watcher {
+            client: client.clone(),
+            node_name: config.node_name.clone(),
+            store: store.clone(),
+            events: events_tx,
+            metrics: pods::watch::Metrics::register(&registry)?,
+        };
+        let cache = Cache::new(
+            config.credentials.clone(),
+            token::Minter::new(client, config.token.clone()),
+            sts::Exchanger::new(&config.sts),
+            config.roles.clone(),
+            store.clone(),
+            credentials::Metrics::register(&registry)?,
+        );
+        let imds = Arc::new(Imds {
+            config: config.imds.clone(),
+            store: store.clone(),
+            cache: cache.clone(),
+            sessions: Sessions::random(),
+            metrics: server::imds::Metrics::register(&registry)?,
+        });
+        Ok(Self {
+            config,
+            imds_listener,
+            admin_listener,
+            registry,
+            store,
+            cache,
+            imds,
+            watcher,
+            events,
+        })
+    }
+
+    /// Where the IMDS endpoint listens (useful with port 0).
+    pub fn imds_addr(&self) -> SocketAddr {
+        self.imds_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The pod index (read-only use in tests and benchmarks).
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (ready_tx, ready) = watch::channel(false);
+        let grace = self.config.shutdown_grace;
+        tracing::info!(
+            imds = %self.imds_addr(), admin = %self.admin_addr(), node = %self.config.node_name,
+            imdsv2 = ?self.config.imds.imdsv2, "imds-broker starting"
+        );
+
+        // Background work stops after the servers have drained, so in-flight requests can still be
+        // answered from the cache and the index.
+        let background = CancellationToken::new();
+        let watch_task = tokio::spawn(self.watcher.run(background.clone()));
+        let cache_task = tokio::spawn(self.cache.run(
+            self.events,
+            ready_tx.clone(),
+            background.clone(),
+        ));
+
+        let imds = self.imds.clone();
+        let imds_task = tokio::spawn(server::serve(
+            self.imds_listener,
+            move |peer, request| imds.clone().handle(peer.ip(), request),
+            shutdown.clone(),
+            grace,
+        ));
+        let admin = Arc::new(Admin {
+            registry: self.registry,
+            ready,
+        });
+        // The admin endpoint outlives the IMDS drain so probes see "not ready" rather than a refusal.
+        let admin_shutdown = CancellationToken::new();
+        let admin_task = tokio::spawn(server::serve(
+            self.admin_listener,
+            move |_, request| {
+                let admin = admin.clone();
+                async move { admin.handle(request.uri().path()) }
+            },
+            admin_shutdown.clone(),
+            grace,
+        ));
+
+        shutdown.cancelled().await;
+        ready_tx.send_replace(false);
+        imds_task.await.context("IMDS server task")?;
+        admin_shutdown.cancel();
+        admin_task.await.context("admin server task")?;
+        background.cancel();
+        watch_task.await.context("pod watch task")?;
+        cache_task.await.context("credential cache task")?;
+        tracing::info!("imds-broker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,304 @@
+//! Command-line flags (each with an environment fallback) and their translation into one typed
+//! `Config` per component. Validation happens here, once; components trust what they receive.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::roles::{BaseArn, Resolver};
+use crate::server::imds::Imdsv2;
+use crate::telemetry::LogFormat;
+use crate::workload::RoleArn;
+use crate::{credentials, server, sts, token};
+
+/// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
+/// pod-bound service-account tokens at STS. The node needs no AWS credentials.
+#[derive(Debug, Parser)]
+#[command(name = "imds-broker", version, about, long_about = None)]
+pub struct Args {
+    /// Name of the node this agent serves; only pods scheduled here are answered.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Address of the IMDS endpoint (the target of the 169.254.169.254 DNAT).
+    #[arg(long, env = "IMDS_BROKER_LISTEN", default_value = "0.0.0.0:8181")]
+    pub listen: SocketAddr,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "IMDS_BROKER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9181"
+    )]
+    pub metrics_listen: SocketAddr,
+
+    /// AWS region whose STS endpoint is used (sts.<region>.amazonaws.com).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: String,
+
+    /// STS endpoint URL overriding the regional one (a VPC endpoint, a proxy, a test double).
+    #[arg(long, env = "IMDS_BROKER_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+
+    /// Requested lifetime of STS sessions, in seconds (1200-43200, and within the role's maximum).
+    #[arg(long, env = "IMDS_BROKER_SESSION_DURATION", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1200..=43200))]
+    pub session_duration: u64,
+
+    /// Audience of the pod-bound tokens (the client id of the cluster's OIDC provider in IAM).
+    #[arg(
+        long,
+        env = "IMDS_BROKER_TOKEN_AUDIENCE",
+        default_value = "sts.amazonaws.com"
+    )]
+    pub token_audience: String,
+
+    /// Lifetime of the pod-bound tokens, in seconds (the API server's minimum is 600).
+    #[arg(long, env = "IMDS_BROKER_TOKEN_EXPIRATION", default_value_t = 600,
+          value_parser = clap::value_parser!(i64).range(600..=86400))]
+    pub token_expiration: i64,
+
+    /// Prefix that completes role names in the iam.amazonaws.com/role pod annotation,
+    /// e.g. arn:aws:iam::123456789012:role/
+    #[arg(long, env = "IMDS_BROKER_BASE_ROLE_ARN")]
+    pub base_role_arn: Option<String>,
+
+    /// Role ARN for pods that name no role (unset: such pods get no credentials).
+    #[arg(long, env = "IMDS_BROKER_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
+
+    /// Whether token-less IMDSv1 requests are served.
+    #[arg(
+        long,
+        env = "IMDS_BROKER_IMDSV2",
+        value_enum,
+        default_value = "optional"
+    )]
+    pub imdsv2: Imdsv2,
+
+    /// How long a request from a not-yet-known pod IP waits for the pod watch (e.g. 500ms).
+    #[arg(long, env = "IMDS_BROKER_POD_WAIT", default_value = "500ms", value_parser = parse_duration)]
+    pub pod_wait: Duration,
+
+    /// Least validity left on any credential served; SDKs refresh at about 15 minutes.
+    #[arg(long, env = "IMDS_BROKER_CREDENTIAL_MIN_REMAINING", default_value = "15m", value_parser = parse_duration)]
+    pub credential_min_remaining: Duration,
+
+    /// How often the background refresher looks for sessions due for renewal.
+    #[arg(long, env = "IMDS_BROKER_REFRESH_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub refresh_check_interval: Duration,
+
+    /// How many prefetches and refreshes run at once (protects STS and the API server).
+    #[arg(long, env = "IMDS_BROKER_BACKGROUND_CONCURRENCY", default_value_t = 8)]
+    pub background_concurrency: usize,
+
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "IMDS_BROKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax (e.g. info, imds_broker=debug).
+    #[arg(long, env = "IMDS_BROKER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Why the flags do not make a working configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--base-role-arn {value:?}: {reason}")]
+    BaseArn {
+        value: String,
+        reason: crate::workload::RoleArnError,
+    },
+    #[error("--default-role {value:?}: {reason}")]
+    DefaultRole {
+        value: String,
+        reason: crate::workload::RoleArnError,
+    },
+    #[error("--node-name must not be empty")]
+    NodeName,
+    #[error(
+        "--session-duration {session:?} must exceed --credential-min-remaining {min:?} by at least a minute"
+    )]
+    SessionTooShort { session: Duration, min: Duration },
+    #[error("--region must not be empty")]
+    Region,
+}
+
+/// Everything the application needs, per component.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub imds: server::imds::Config,
+    pub roles: Resolver,
+    pub token: token::Config,
+    pub sts: sts::Config,
+    pub credentials: credentials::Config,
+}
+
+impl Args {
+    /// Validates the flags into a [`Config`].
+    pub fn config(&self) -> Result<Config, Error> {
+        if self.node_name.trim().is_empty() {
+            return Err(Error::NodeName);
+        }
+        if self.region.trim().is_empty() {
+            return Err(Error::Region);
+        }
+        let base = self
+            .base_role_arn
+            .as_deref()
+            .map(|v| {
+                BaseArn::parse(v).map_err(|reason| Error::BaseArn {
+                    value: v.to_owned(),
+                    reason,
+                })
+            })
+            .transpose()?;
+        let default = self
+            .default_role
+            .as_deref()
+            .map(|v| {
+                RoleArn::parse(v).map_err(|reason| Error::DefaultRole {
+                    value: v.to_owned(),
+                    reason,
+                })
+            })
+            .transpose()?;
+        let session = Duration::from_secs(self.session_duration);
+        if session < self.credential_min_remaining + Duration::from_secs(60) {
+            return Err(Error::SessionTooShort {
+                session,
+                min: self.credential_min_remaining,
+            });
+        }
+        Ok(Config {
+            node_name: self.node_name.clone(),
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            shutdown_grace: self.shutdown_grace,
+            imds: server::imds::Config {
+                imdsv2: self.imdsv2,
+                pod_wait: self.pod_wait,
+            },
+            roles: Resolver { base, default },
+            token: token::Config {
+                audience: self.token_audience.clone(),
+                expiration_seconds: self.token_expiration,
+            },
+            sts: sts::Config {
+                region: self.region.clone(),
+                endpoint: self.sts_endpoint.clone(),
+                session_duration: session,
+            },
+            credentials: credentials::Config {
+                min_remaining: self.credential_min_remaining,
+                refresh_check_interval: self.refresh_check_interval,
+                background_concurrency: self.background_concurrency,
+            },
+        })
+    }
+}
+
+/// Parses `250ms`, `30s`, `15m`, `1h` (a bare number is seconds).
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 500ms, 30s, 15m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{value:?}: unknown unit {unit:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut all = vec!["imds-broker", "--node-name", "n1", "--region", "eu-west-1"];
+        all.extend_from_slice(extra);
+        Args::try_parse_from(all)
+    }
+
+    #[test]
+    fn defaults_make_a_valid_config() {
+        let config = args(&[]).unwrap().config().unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8181".parse().unwrap());
+        assert_eq!(config.metrics_listen, "0.0.0.0:9181".parse().unwrap());
+        assert_eq!(config.imds.imdsv2, Imdsv2::Optional);
+        assert_eq!(config.imds.pod_wait, Duration::from_millis(500));
+        assert_eq!(config.token.audience, "sts.amazonaws.com");
+        assert_eq!(config.sts.session_duration, Duration::from_secs(3600));
+        assert_eq!(config.credentials.min_remaining, Duration::from_secs(900));
+        assert!(config.roles.default.is_none() && config.roles.base.is_none());
+    }
+
+    #[test]
+    fn invalid_role_flags_are_refused() {
+        assert!(matches!(
+            args(&["--default-role", "admin"]).unwrap().config(),
+            Err(Error::DefaultRole { .. })
+        ));
+        assert!(matches!(
+            args(&["--base-role-arn", "arn:aws:iam::1:role/"])
+                .unwrap()
+                .config(),
+            Err(Error::BaseArn { .. })
+        ));
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused_by_the_parser() {
+        assert!(args(&["--session-duration", "900"]).is_err());
+        assert!(args(&["--token-expiration", "60"]).is_err());
+        assert!(args(&["--imdsv2", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn a_session_must_outlive_the_minimum_remaining() {
+        let err = args(&[
+            "--session-duration",
+            "1200",
+            "--credential-min-remaining",
+            "20m",
+        ])
+        .unwrap()
+        .config();
+        assert!(matches!(err, Err(Error::SessionTooShort { .. })));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

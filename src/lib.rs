@@ -1,0 +1,29 @@
+//! imds-broker: per-pod AWS IAM credentials over an EC2-instance-metadata-compatible endpoint.
+//!
+//! A pod's SDK asks `169.254.169.254` for credentials; the node DNATs that to this agent, which finds
+//! the pod by source IP, resolves its role, mints a token bound to that pod with the TokenRequest API,
+//! exchanges it at STS with `AssumeRoleWithWebIdentity` (unsigned: the node holds no AWS credentials),
+//! caches the session per pod and answers exactly as IMDS does.
+//!
+//! # Layout
+//! Dependencies point one way, top to bottom:
+//! - [`app`], [`config`], [`shutdown`], [`telemetry`]: composition, flags, signals, logging;
+//! - [`server`]: the IMDS and admin endpoints; `server::response` alone turns failures into HTTP;
+//! - [`metrics`]: the registry and its encoding;
+//! - [`credentials`]: the per-pod session cache (single-flight, refresh, prefetch, eviction);
+//! - [`pods`], [`roles`], [`token`], [`sts`]: who is calling, which role, a pod-bound token, STS;
+//! - [`workload`]: the shared vocabulary.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod credentials;
+pub mod metrics;
+pub mod pods;
+pub mod roles;
+pub mod server;
+pub mod shutdown;
+pub mod sts;
+pub mod telemetry;
+pub mod token;
+pub mod workload;

@@ -1,0 +1,51 @@
+//! The `imds-broker` binary: parse flags, start logging, build the agent, run it until a signal.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use imds_broker::app::App;
+use imds_broker::config::Args;
+use imds_broker::{shutdown, telemetry};
+
+/// Exit code for a configuration the agent cannot run with (sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("imds-broker: invalid configuration: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(error) = telemetry::init(args.log_format, &args.log) {
+        eprintln!("imds-broker: invalid --log filter {:?}: {error}", args.log);
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("imds-broker: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = shutdown::on_signals()?;
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}")
+        })?;
+        App::build(config, client).await?.run(shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("imds-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The pure map from a caller's IP address to the pod that owns it on this node, fed by watch events.
+//!
+//! Invariants:
+//! - entries are keyed by pod UID, and an IP points at UIDs, so a late delete of an old pod can never
+//!   remove a newer pod that reuses its IP;
+//! - `hostNetwork` pods are never indexed (their IP is the node's and identifies nothing), nor are pods
+//!   that finished (`Succeeded`/`Failed`) or that have no UID;
+//! - when two live pods claim one IP, that IP resolves to nobody until it is unambiguous again;
+//! - a terminating pod keeps its IP until a live pod claims it (it may need credentials to flush data).
+//!
+//! No I/O and no clock: `watch` feeds it, tests drive it directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+
+use crate::roles::{POD_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION};
+use crate::workload::Workload;
+
+/// What a caller's IP resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Exactly one pod owns the address.
+    Found(Workload),
+    /// Several live pods claim the address; serving any of them could hand out another pod's role.
+    Ambiguous(Vec<String>),
+    /// No pod on this node has the address.
+    Unknown,
+}
+
+/// A change to a workload that credential holders must react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A workload was added or changed (IP, phase, annotation, service account role).
+    Upserted(Workload),
+    /// A workload is gone: deleted, finished, or turned into something we do not index.
+    Removed { uid: String, key: String },
+}
+
+/// IP → pod index plus the service accounts' role annotations.
+#[derive(Debug, Default)]
+pub struct Index {
+    pods: HashMap<String, Workload>,
+    by_ip: HashMap<IpAddr, Vec<String>>,
+    /// (namespace, name) → value of the IRSA annotation.
+    service_accounts: HashMap<(String, String), Option<String>>,
+}
+
+/// Converts a pod to a workload, or `None` when the pod must not be indexed.
+pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Workload> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let uid = meta.uid.clone().filter(|u| !u.is_empty())?;
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    // Older API servers only fill `podIP`.
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+    }
+    Some(Workload {
+        uid,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        pod_role: annotation(&meta.annotations, POD_ANNOTATION),
+        service_account_role,
+        ips,
+        running: phase == Some("Running"),
+        terminating: meta.deletion_timestamp.is_some(),
+    })
+}
+
+fn annotation(annotations: &Option<BTreeMap<String, String>>, key: &str) -> Option<String> {
+    annotations.as_ref().and_then(|a| a.get(key)).cloned()
+}
+
+fn sa_key(namespace: &str, name: &str) -> (String, String) {
+    (namespace.to_owned(), name.to_owned())
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of indexed pods.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// True when no pod is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// The pod that owns `ip`.
+    pub fn lookup(&self, ip: IpAddr) -> Lookup {
+        let Some(uids) = self.by_ip.get(&ip) else {
+            return Lookup::Unknown;
+        };
+        let candidates: Vec<&Workload> = uids.iter().filter_map(|u| self.pods.get(u)).collect();
+        let live: Vec<&Workload> = candidates
+            .iter()
+            .copied()
+            .filter(|w| !w.terminating)
+            .collect();
+        let owners = if live.is_empty() { candidates } else { live };
+        match owners.as_slice() {
+            [] => Lookup::Unknown,
+            [one] => Lookup::Found((*one).clone()),
+            many => Lookup::Ambiguous(many.iter().map(|w| w.key()).collect()),
+        }
+    }
+
+    /// The workload with this UID.
+    pub fn get(&self, uid: &str) -> Option<&Workload> {
+        self.pods.get(uid)
+    }
+
+    /// Every indexed workload.
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.pods.values()
+    }
+
+    /// Applies an added or modified pod.
+    pub fn apply_pod(&mut self, pod: &Pod) -> Option<Change> {
+        let uid = pod.metadata.uid.clone()?;
+        let sa_role = self.service_account_role_for(pod);
+        match workload_of(pod, sa_role) {
+            Some(workload) => Some(self.upsert(workload)),
+            None => self.remove(&uid),
+        }
+    }
+
+    /// Applies a deleted pod. Only the entry with this pod's UID goes.
+    pub fn delete_pod(&mut self, pod: &Pod) -> Option<Change> {
+        self.remove(pod.metadata.uid.as_deref()?)
+    }
+
+    /// Replaces every pod with a fresh list (after a relist), returning what changed.
+    pub fn replace_pods<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Change> {
+        let mut seen = std::collections::HashSet::new();
+        let mut changes = Vec::new();
+        for pod in pods {
+            if let Some(uid) = &pod.metadata.uid {
+                seen.insert(uid.clone());
+            }
+            let before = pod
+                .metadata
+                .uid
+                .as_ref()
+                .and_then(|u| self.pods.get(u))
+                .cloned();
+            if let Some(change) = self.apply_pod(pod) {
+                let unchanged =
+                    matches!((&before, &change), (Some(b), Change::Upserted(a)) if a == b);
+                if !unchanged {
+                    changes.push(change);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|u| !seen.contains(*u))
+            .cloned()
+            .collect();
+        changes.extend(gone.iter().filter_map(|uid| self.remove(uid)));
+        changes
+    }
+
+    /// Records a service account's role annotation; returns the workloads whose role source changed.
+    pub fn apply_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
+        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
+        let name = sa.metadata.name.as_deref().unwrap_or_default();
+        let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
+        self.set_service_account_role(namespace, name, role, true)
+    }
+
+    /// Forgets a deleted service account.
+    pub fn delete_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
+        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
+        let name = sa.metadata.name.as_deref().unwrap_or_default();
+        self.set_service_account_role(namespace, name, None, false)
+    }
+
+    /// Replaces every service account with a fresh list.
+    pub fn replace_service_accounts<'a>(
+        &mut self,
+        accounts: impl IntoIterator<Item = &'a ServiceAccount>,
+    ) -> Vec<Change> {
+        let mut fresh: HashMap<(String, String), Option<String>> = HashMap::new();
+        for sa in accounts {
+            let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
+            let name = sa.metadata.name.as_deref().unwrap_or_default();
+            let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
+            fresh.insert(sa_key(namespace, name), role);
+        }
+        let stale: Vec<(String, String)> = self
+            .service_accounts
+            .keys()
+            .filter(|k| !fresh.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut changes = Vec::new();
+        for (ns, name) in stale {
+            changes.extend(self.set_service_account_role(&ns, &name, None, false));
+        }
+        for ((ns, name), role) in fresh {
+            changes.extend(self.set_service_account_role(&ns, &name, role, true));
+        }
+        changes
+    }
+
+    fn set_service_account_role(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        role: Option<String>,
+        exists: bool,
+    ) -> Vec<Change> {
+        if exists {
+            self.service_accounts
+                .insert(sa_key(namespace, name), role.clone());
+        } else {
+            self.service_accounts.remove(&sa_key(namespace, name));
+        }
+        self.pods
+            .values_mut()
+            .filter(|w| {
+                w.namespace == namespace
+                    && w.service_account == name
+                    && w.service_account_role != role
+            })
+            .map(|w| {
+                w.service_account_role = role.clone();
+                Change::Upserted(w.clone())
+            })
+            .collect()
+    }
+
+    fn service_account_role_for(&self, pod: &Pod) -> Option<String> {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        self.service_accounts
+            .get(&sa_key(namespace, name))
+            .cloned()
+            .flatten()
+    }
+
+    fn upsert(&mut self, workload: Workload) -> Change {
+        if let Some(old) = self.pods.get(&workload.uid) {
+            let old_ips = old.ips.clone();
+            self.unlink(&workload.uid, &old_ips);
+        }
+        for ip in &workload.ips {
+            let uids = self.by_ip.entry(*ip).or_default();
+            if !uids.contains(&workload.uid) {
+                uids.push(workload.uid.clone());
+            }
+        }
+        self.pods.insert(workload.uid.clone(), workload.clone());
+        Change::Upserted(workload)
+    }
+
+    fn remove(&mut self, uid: &str) -> Option<Change> {
+        let old = self.pods.remove(uid)?;
+        self.unlink(uid, &old.ips);
+        Some(Change::Removed {
+            uid: uid.to_owned(),
+            key: old.key(),
+        })
+    }
+
+    fn unlink(&mut self, uid: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            if let Some(uids) = self.by_ip.get_mut(ip) {
+                uids.retain(|u| u != uid);
+                if uids.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    /// A pod fixture: running, with the given IPs and annotations.
+    pub(crate) fn pod(name: &str, uid: &str, ips: &[&str], role: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                uid: Some(uid.into()),
+                annotations: role
+                    .map(|r| BTreeMap::from([(POD_ANNOTATION.to_owned(), r.to_owned())])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                service_account_name: Some("sa".into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: ips.first().map(|s| s.to_string()),
+                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn terminating(mut p: Pod) -> Pod {
+        p.metadata.deletion_timestamp = Some(Time(Default::default()));
+        p
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn found_uid(index: &Index, addr: &str) -> Option<String> {
+        match index.lookup(ip(addr)) {
+            Lookup::Found(w) => Some(w.uid),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_pod_ip_resolves_to_its_pod() {
+        let mut index = Index::new();
+        index.apply_pod(&pod("a", "uid-a", &["10.0.0.1", "fd00::1"], Some("r")));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-a"));
+        assert_eq!(found_uid(&index, "fd00::1").as_deref(), Some("uid-a"));
+        assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn host_network_pods_are_never_indexed() {
+        let mut index = Index::new();
+        let mut p = pod("h", "uid-h", &["192.168.1.10"], Some("r"));
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(index.apply_pod(&p), None);
+        assert_eq!(index.lookup(ip("192.168.1.10")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_pod_switching_to_host_network_is_removed() {
+        let mut index = Index::new();
+        let mut p = pod("h", "uid-h", &["10.0.0.9"], None);
+        index.apply_pod(&p);
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(matches!(index.apply_pod(&p), Some(Change::Removed { .. })));
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn finished_pods_are_dropped() {
+        let mut index = Index::new();
+        let mut p = pod("a", "uid-a", &["10.0.0.1"], None);
+        index.apply_pod(&p);
+        p.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(matches!(index.apply_pod(&p), Some(Change::Removed { .. })));
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_late_delete_of_an_old_pod_keeps_the_new_pod_on_its_ip() {
+        let mut index = Index::new();
+        let old = pod("old", "uid-old", &["10.0.0.1"], Some("old-role"));
+        index.apply_pod(&old);
+        // The old pod terminates, the new pod gets the same IP, then the old pod's delete arrives late.
+        index.apply_pod(&terminating(old.clone()));
+        index.apply_pod(&pod("new", "uid-new", &["10.0.0.1"], Some("new-role")));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-new"));
+        index.delete_pod(&old);
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-new"));
+    }
+
+    #[test]
+    fn a_terminating_pod_keeps_its_ip_until_another_pod_claims_it() {
+        let mut index = Index::new();
+        index.apply_pod(&terminating(pod("old", "uid-old", &["10.0.0.1"], None)));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-old"));
+        index.apply_pod(&pod("new", "uid-new", &["10.0.0.1"], None));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-new"));
+    }
+
+    #[test]
+    fn two_live_pods_on_one_ip_are_refused_until_unambiguous() {
+        let mut index = Index::new();
+        index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+        let b = pod("b", "uid-b", &["10.0.0.1"], None);
+        index.apply_pod(&b);
+        assert!(matches!(index.lookup(ip("10.0.0.1")), Lookup::Ambiguous(keys) if keys.len() == 2));
+        index.delete_pod(&b);
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-a"));
+    }
+
+    #[test]
+    fn an_ip_change_moves_the_pod() {
+        let mut index = Index::new();
+        index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+        index.apply_pod(&pod("a", "uid-a", &["10.0.0.2"], None));
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Unknown);
+        assert_eq!(found_uid(&index, "10.0.0.2").as_deref(), Some("uid-a"));
+    }
+
+    #[test]
+    fn a_relist_removes_pods_that_vanished_while_disconnected() {
+        let mut index = Index::new();
+        let a = pod("a", "uid-a", &["10.0.0.1"], None);
+        index.apply_pod(&a);
+        index.apply_pod(&pod("b", "uid-b", &["10.0.0.2"], None));
+        let changes = index.replace_pods([&a]);
+        assert_eq!(
+            changes,
+            vec![Change::Removed {
+                uid: "uid-b".into(),
+                key: "ns/b".into()
+            }]
+        );
+        assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_service_account_annotation_reaches_its_pods_and_only_them() {
+        let mut index = Index::new();
+        index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+        let mut other = pod("o", "uid-o", &["10.0.0.2"], None);
+        other.spec.as_mut().unwrap().service_account_name = Some("other".into());
+        index.apply_pod(&other);
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some("sa".into()),
+                namespace: Some("ns".into()),
+                annotations: Some(BTreeMap::from([(
+                    SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+                    "arn:aws:iam::111111111111:role/x".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let changes = index.apply_service_account(&sa);
+        assert_eq!(changes.len(), 1);
+        let Lookup::Found(w) = index.lookup(ip("10.0.0.1")) else {
+            panic!()
+        };
+        assert_eq!(
+            w.service_account_role.as_deref(),
+            Some("arn:aws:iam::111111111111:role/x")
+        );
+        let Lookup::Found(w) = index.lookup(ip("10.0.0.2")) else {
+            panic!()
+        };
+        assert_eq!(w.service_account_role, None);
+        // A pod created later under the same service account sees the annotation too.
+        index.apply_pod(&pod("late", "uid-late", &["10.0.0.3"], None));
+        let Lookup::Found(w) = index.lookup(ip("10.0.0.3")) else {
+            panic!()
+        };
+        assert!(w.service_account_role.is_some());
+        // Deleting the service account removes the role from its pods.
+        assert_eq!(index.delete_service_account(&sa).len(), 2);
+        let Lookup::Found(w) = index.lookup(ip("10.0.0.1")) else {
+            panic!()
+        };
+        assert_eq!(w.service_account_role, None);
+    }
+}

@@ -1,0 +1,421 @@
+//! The IMDS endpoint: routes a request, checks its IMDSv2 token, finds the calling pod by source IP,
+//! resolves its role and answers from the credential cache.
+//!
+//! Invariants: a caller only ever sees its own pod's role; a caller that is not a known pod, or has no
+//! role, gets 404; a hostile path is rejected before routing, never resolved.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Request, Response};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::response::{self, Body, Failure};
+use super::session::{self, Sessions};
+use crate::credentials::Cache;
+use crate::pods::{Lookup, Store};
+use crate::workload::{RoleArn, Workload};
+
+/// Whether token-less (IMDSv1) requests are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Imdsv2 {
+    /// IMDSv1 and IMDSv2 are both served (what old SDKs need).
+    Optional,
+    /// Requests without a valid token get 401.
+    Required,
+}
+
+/// IMDS endpoint settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `--imdsv2`.
+    pub imdsv2: Imdsv2,
+    /// `--pod-wait`: how long a request from an unknown IP waits for the pod watch to catch up.
+    pub pod_wait: Duration,
+}
+
+/// Where a request goes, decided from method and path alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `PUT /latest/api/token`.
+    Token,
+    /// `GET /latest/meta-data/iam/`.
+    IamListing,
+    /// `GET /latest/meta-data/iam/security-credentials/`.
+    RoleListing,
+    /// `GET /latest/meta-data/iam/security-credentials/<name>`.
+    RoleDocument(String),
+    /// `GET /latest/meta-data/iam/info`.
+    Info,
+}
+
+impl Route {
+    fn label(&self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::IamListing => "iam",
+            Route::RoleListing => "role_listing",
+            Route::RoleDocument(_) => "credentials",
+            Route::Info => "info",
+        }
+    }
+}
+
+/// Routes a request. Paths are taken literally: anything that a normalising proxy or client could
+/// read differently (dot segments, percent-encoding, backslashes, empty segments, control bytes) is a
+/// 400 and never reaches a handler.
+pub fn route(method: &Method, path: &str) -> Result<Route, Failure> {
+    if !is_clean(path) {
+        return Err(Failure::BadPath);
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    // One trailing slash is tolerated on every path, as IMDS does (botocore asks for leaves with one).
+    let segments = match segments.split_last() {
+        Some((&"", rest)) => rest,
+        _ => &segments[..],
+    };
+    match segments {
+        ["latest", "api", "token"] => {
+            return if method == Method::PUT {
+                Ok(Route::Token)
+            } else {
+                Err(Failure::MethodNotAllowed("OPTIONS, PUT"))
+            };
+        }
+        [_, "api", "token"] if method == Method::PUT => return Err(Failure::VersionedTokenPath),
+        _ => {}
+    }
+    let route = match segments {
+        ["latest", "meta-data", "iam"] => Route::IamListing,
+        ["latest", "meta-data", "iam", "security-credentials"] => Route::RoleListing,
+        ["latest", "meta-data", "iam", "security-credentials", name] => {
+            Route::RoleDocument((*name).to_owned())
+        }
+        ["latest", "meta-data", "iam", "info"] => Route::Info,
+        _ => return Err(Failure::NotFound),
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return Err(Failure::MethodNotAllowed("GET, HEAD"));
+    }
+    Ok(route)
+}
+
+fn is_clean(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() <= 1024
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
+        && path[1..].split('/').enumerate().all(|(i, s)| {
+            s != "." && s != ".." && (!s.is_empty() || i == path[1..].split('/').count() - 1)
+        })
+}
+
+/// Request metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "imds_broker_imds_requests_total",
+                "IMDS requests by route, status code and outcome",
+            ),
+            &["route", "code", "outcome"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "imds_broker_imds_request_duration_seconds",
+                "IMDS request latency by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        Ok(Self { requests, seconds })
+    }
+}
+
+/// The IMDS request handler.
+pub struct Imds {
+    pub config: Config,
+    pub store: Store,
+    pub cache: Cache,
+    pub sessions: Sessions,
+    pub metrics: Metrics,
+}
+
+impl Imds {
+    /// Answers one request from `peer`.
+    pub async fn handle<B>(self: Arc<Self>, peer: IpAddr, request: Request<B>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let peer = canonical(peer);
+        let route = route(request.method(), request.uri().path());
+        let label = route.as_ref().map_or("other", Route::label);
+        let outcome = match route {
+            Ok(route) => self.answer(peer, &request, route).await,
+            Err(failure) => Err(failure),
+        };
+        let (response, outcome_label) = match outcome {
+            Ok(response) => (response, "ok"),
+            Err(failure) => {
+                let kind = failure.kind();
+                (failure.into_response(), kind)
+            }
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[label, response.status().as_str(), outcome_label])
+            .inc();
+        self.metrics
+            .seconds
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn answer<B>(
+        &self,
+        peer: IpAddr,
+        request: &Request<B>,
+        route: Route,
+    ) -> Result<Response<Body>, Failure> {
+        let now = unix_now();
+        let headers = request.headers();
+        if route == Route::Token {
+            if headers.contains_key("x-forwarded-for") {
+                tracing::info!(%peer, "refusing token request that came through a proxy (X-Forwarded-For)");
+                return Err(Failure::Forwarded);
+            }
+            let ttl = headers
+                .get("x-aws-ec2-metadata-token-ttl-seconds")
+                .and_then(|v| session::parse_ttl(v.as_bytes()))
+                .ok_or(Failure::BadTtl)?;
+            return Ok(response::token(self.sessions.issue(peer, ttl, now), ttl));
+        }
+        match headers.get("x-aws-ec2-metadata-token") {
+            Some(token) => {
+                let token = token.to_str().map_err(|_| Failure::BadToken)?;
+                if let Err(invalid) = self.sessions.verify(token, peer, now) {
+                    tracing::info!(%peer, reason = %invalid, "refusing IMDSv2 request");
+                    return Err(Failure::BadToken);
+                }
+            }
+            None if self.config.imdsv2 == Imdsv2::Required => return Err(Failure::TokenRequired),
+            None => {}
+        }
+        let workload = self.caller(peer).await?;
+        let role = self.role_of(&workload)?;
+        match route {
+            Route::Token => unreachable!("answered above"),
+            Route::IamListing => Ok(response::text(
+                http::StatusCode::OK,
+                "info\nsecurity-credentials/".to_owned(),
+            )),
+            // Exactly the role name, no trailing newline: the Rust SDK uses the body verbatim in a URI.
+            Route::RoleListing => Ok(response::text(http::StatusCode::OK, role.name().to_owned())),
+            Route::Info => Ok(response::text(
+                http::StatusCode::OK,
+                response::info_document(&role, OffsetDateTime::now_utc()),
+            )),
+            Route::RoleDocument(name) if name != role.name() => {
+                tracing::info!(pod = %workload.key(), asked = %name, role = %role, "refusing another role's document");
+                Err(Failure::NotFound)
+            }
+            Route::RoleDocument(_) => match self.cache.get(&workload, &role).await {
+                Ok(credentials) => Ok(response::text(
+                    http::StatusCode::OK,
+                    response::credentials_document(&credentials),
+                )),
+                Err(error) if error.is_transient() => Err(Failure::Unavailable),
+                Err(error) => Err(Failure::Refused { role, error }),
+            },
+        }
+    }
+
+    async fn caller(&self, peer: IpAddr) -> Result<Workload, Failure> {
+        match self
+            .store
+            .lookup_or_wait(peer, Instant::now() + self.config.pod_wait)
+            .await
+        {
+            Lookup::Found(workload) => Ok(workload),
+            Lookup::Ambiguous(pods) => {
+                tracing::warn!(%peer, ?pods, "refusing: several live pods claim this IP");
+                Err(Failure::NotFound)
+            }
+            Lookup::Unknown => {
+                tracing::info!(%peer, "refusing: no pod on this node has this IP");
+                Err(Failure::NotFound)
+            }
+        }
+    }
+
+    fn role_of(&self, workload: &Workload) -> Result<RoleArn, Failure> {
+        match self.cache.resolver().resolve(workload) {
+            Ok(Some(role)) => Ok(role),
+            Ok(None) => {
+                tracing::debug!(pod = %workload.key(), "pod has no role");
+                Err(Failure::NotFound)
+            }
+            Err(error) => {
+                tracing::warn!(pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
+                Err(Failure::InvalidRole)
+            }
+        }
+    }
+}
+
+/// An IPv4 peer seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; pods are indexed by the
+/// plain IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str) -> Result<Route, Failure> {
+        route(&Method::GET, path)
+    }
+
+    fn kind(r: Result<Route, Failure>) -> &'static str {
+        match r {
+            Ok(_) => "ok",
+            Err(f) => f.kind(),
+        }
+    }
+
+    #[test]
+    fn the_credential_paths_route_with_and_without_a_trailing_slash() {
+        let list = Ok::<_, ()>(Route::RoleListing);
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/").ok(),
+            list.clone().ok()
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials").ok(),
+            list.ok()
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/app").ok(),
+            Some(Route::RoleDocument("app".into()))
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/app/").ok(),
+            Some(Route::RoleDocument("app".into()))
+        );
+        assert_eq!(get("/latest/meta-data/iam/info").ok(), Some(Route::Info));
+        assert_eq!(get("/latest/meta-data/iam/").ok(), Some(Route::IamListing));
+        assert_eq!(
+            route(&Method::HEAD, "/latest/meta-data/iam/info").ok(),
+            Some(Route::Info)
+        );
+    }
+
+    #[test]
+    fn the_extended_credentials_api_is_not_found_so_sdks_fall_back() {
+        assert_eq!(
+            kind(get("/latest/meta-data/iam/security-credentials-extended/")),
+            "not_found"
+        );
+        assert_eq!(
+            kind(get(
+                "/latest/meta-data/iam/security-credentials-extended/app"
+            )),
+            "not_found"
+        );
+    }
+
+    #[test]
+    fn other_paths_are_not_found() {
+        for path in [
+            "/",
+            "/latest/user-data",
+            "/latest/meta-data/",
+            "/latest/meta-data/iam/security-credentials/a/b",
+        ] {
+            assert_eq!(kind(get(path)), "not_found", "{path}");
+        }
+    }
+
+    #[test]
+    fn hostile_paths_are_rejected_before_routing() {
+        for path in [
+            "/latest/meta-data/iam/security-credentials/../../user-data",
+            "/latest/meta-data/iam/security-credentials/%2e%2e/x",
+            "/latest/meta-data/iam/security-credentials%2fapp",
+            "/latest/meta-data/iam/security-credentials\\app",
+            "/latest//meta-data/iam/info",
+            "/latest/meta-data/iam/./info",
+            "latest/meta-data/iam/info",
+        ] {
+            assert_eq!(kind(get(path)), "bad_path", "{path}");
+        }
+        assert_eq!(
+            kind(get(&format!("/latest/{}", "a".repeat(2000)))),
+            "bad_path"
+        );
+    }
+
+    #[test]
+    fn the_token_path_takes_only_put() {
+        assert_eq!(
+            route(&Method::PUT, "/latest/api/token").ok(),
+            Some(Route::Token)
+        );
+        assert_eq!(
+            kind(route(&Method::GET, "/latest/api/token")),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            kind(route(&Method::POST, "/latest/api/token")),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            kind(route(&Method::PUT, "/2021-03-23/api/token")),
+            "versioned_token_path"
+        );
+    }
+
+    #[test]
+    fn metadata_paths_take_only_get_and_head() {
+        assert_eq!(
+            kind(route(
+                &Method::POST,
+                "/latest/meta-data/iam/security-credentials/"
+            )),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            kind(route(&Method::PUT, "/latest/meta-data/iam/info")),
+            "method_not_allowed"
+        );
+    }
+
+    #[test]
+    fn v4_mapped_peers_are_seen_as_ipv4() {
+        assert_eq!(
+            canonical("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+}

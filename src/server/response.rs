@@ -1,0 +1,327 @@
+//! The one place where outcomes become HTTP: status codes, headers and bodies exactly as EC2's IMDS
+//! sends them (`Server: EC2ws`, `text/plain` everywhere, XHTML error pages, its JSON layout).
+//!
+//! Every refusal the IMDS handler can produce is a [`Failure`] variant, and [`Failure::into_response`]
+//! is the only code that chooses a status for it.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+use crate::credentials;
+use crate::workload::{Credentials, RoleArn};
+
+/// The response body type of both servers.
+pub type Body = Full<Bytes>;
+
+/// Why an IMDS request was not answered with a document.
+#[derive(Debug)]
+pub enum Failure {
+    /// The request target is not a clean path (dot segments, encodings, backslashes, control bytes).
+    BadPath,
+    /// Token request without a valid TTL header.
+    BadTtl,
+    /// Token request carrying `X-Forwarded-For`: it came through a proxy, refuse as EC2 does.
+    Forwarded,
+    /// Token request on a versioned path (`/2021-03-23/api/token`).
+    VersionedTokenPath,
+    /// Method not allowed on this path; carries the `Allow` header value.
+    MethodNotAllowed(&'static str),
+    /// The IMDSv2 token is invalid, expired, or from another caller.
+    BadToken,
+    /// IMDSv1 request while IMDSv2 is required.
+    TokenRequired,
+    /// No such resource, or nothing for this caller: unknown IP, no role, wrong role name.
+    NotFound,
+    /// The pod's role annotation is invalid; answered like "no role" so nothing leaks.
+    InvalidRole,
+    /// The role could not be assumed; the SDK should give up (no credentials).
+    Refused {
+        role: RoleArn,
+        error: credentials::Error,
+    },
+    /// STS or the API server failed transiently; the SDK may retry.
+    Unavailable,
+}
+
+impl Failure {
+    /// A closed label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::BadPath => "bad_path",
+            Failure::BadTtl => "bad_ttl",
+            Failure::Forwarded => "forwarded",
+            Failure::VersionedTokenPath => "versioned_token_path",
+            Failure::MethodNotAllowed(_) => "method_not_allowed",
+            Failure::BadToken => "bad_token",
+            Failure::TokenRequired => "token_required",
+            Failure::NotFound => "not_found",
+            Failure::InvalidRole => "invalid_role",
+            Failure::Refused { .. } => "refused",
+            Failure::Unavailable => "unavailable",
+        }
+    }
+
+    /// The response EC2 would give.
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Failure::BadPath | Failure::BadTtl => {
+                error_page(StatusCode::BAD_REQUEST, "400 - Bad Request")
+            }
+            Failure::Forwarded | Failure::VersionedTokenPath => empty(StatusCode::FORBIDDEN),
+            Failure::MethodNotAllowed(allow) => {
+                let mut response = empty(StatusCode::METHOD_NOT_ALLOWED);
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                response
+            }
+            Failure::BadToken | Failure::TokenRequired => {
+                error_page(StatusCode::UNAUTHORIZED, "401 - Unauthorized")
+            }
+            Failure::NotFound | Failure::InvalidRole => {
+                error_page(StatusCode::NOT_FOUND, "404 - Not Found")
+            }
+            // EC2 answers 200 with a non-Success code when the instance role cannot be assumed; every SDK
+            // read treats that as "no credentials" (botocore returns none, Go/Rust/JS error out).
+            Failure::Refused { role, error } => {
+                let message = format!(
+                    "Could not assume role {} ({}): see the imds-broker log for this pod",
+                    role.name(),
+                    refusal_code(&error)
+                );
+                text(
+                    StatusCode::OK,
+                    json_document(&[
+                        ("Code", "AssumeRoleUnauthorizedAccess"),
+                        ("Message", &message),
+                        ("LastUpdated", &imds_time(OffsetDateTime::now_utc())),
+                    ]),
+                )
+            }
+            Failure::Unavailable => {
+                error_page(StatusCode::SERVICE_UNAVAILABLE, "503 - Service Unavailable")
+            }
+        }
+    }
+}
+
+/// The AWS (or Kubernetes) error code behind a refusal, never anything secret.
+fn refusal_code(error: &credentials::Error) -> String {
+    match error {
+        credentials::Error::Sts(e) => e.code().to_owned(),
+        credentials::Error::Token(crate::token::Error::Refused { status, reason, .. }) => {
+            format!("TokenRequest {status} {reason}")
+        }
+        other => other.kind().to_owned(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` in UTC, the only time format IMDS uses.
+pub fn imds_time(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+        ))
+        .expect("every UTC date-time formats")
+}
+
+/// EC2's JSON layout: two-space indent, `" : "`, keys in the given order, string values.
+pub fn json_document(fields: &[(&str, &str)]) -> String {
+    let mut out = String::from("{\n");
+    for (i, (key, value)) in fields.iter().enumerate() {
+        let value = serde_json::to_string(value).expect("strings always serialise");
+        out.push_str(&format!("  \"{key}\" : {value}"));
+        out.push_str(if i + 1 < fields.len() { ",\n" } else { "\n" });
+    }
+    out.push('}');
+    out
+}
+
+/// The role document for `credentials`.
+pub fn credentials_document(credentials: &Credentials) -> String {
+    json_document(&[
+        ("Code", "Success"),
+        ("LastUpdated", &imds_time(credentials.last_updated)),
+        ("Type", "AWS-HMAC"),
+        ("AccessKeyId", &credentials.access_key_id),
+        ("SecretAccessKey", credentials.secret_access_key.expose()),
+        ("Token", credentials.session_token.expose()),
+        ("Expiration", &imds_time(credentials.expiration)),
+    ])
+}
+
+/// `iam/info` for a pod's role: a synthetic instance profile named after the role.
+pub fn info_document(role: &RoleArn, last_updated: OffsetDateTime) -> String {
+    use sha2::{Digest, Sha256};
+    let partition = role.as_str().split(':').nth(1).unwrap_or("aws");
+    let path_and_name = role
+        .as_str()
+        .split_once(":role/")
+        .map(|(_, r)| r)
+        .unwrap_or(role.name());
+    let profile_arn = format!(
+        "arn:{partition}:iam::{}:instance-profile/{path_and_name}",
+        role.account()
+    );
+    // Instance profile ids are "AIPA" + 17 upper-case alphanumerics; derive one stably from the role.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(role.as_str().as_bytes());
+    let id: String = std::iter::once("AIPA".to_owned())
+        .chain(
+            digest
+                .iter()
+                .take(17)
+                .map(|b| (ALPHABET[(*b & 31) as usize] as char).to_string()),
+        )
+        .collect();
+    json_document(&[
+        ("Code", "Success"),
+        ("LastUpdated", &imds_time(last_updated)),
+        ("InstanceProfileArn", &profile_arn),
+        ("InstanceProfileId", &id),
+    ])
+}
+
+/// A `text/plain` document.
+pub fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    decorate(&mut response);
+    response
+}
+
+/// The token response: the token, with its TTL echoed (Go and Rust SDKs cannot use a token without it).
+pub fn token(token: String, ttl_seconds: u64) -> Response<Body> {
+    let mut response = text(StatusCode::OK, token);
+    response.headers_mut().insert(
+        "x-aws-ec2-metadata-token-ttl-seconds",
+        HeaderValue::from(ttl_seconds),
+    );
+    response
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    text(status, String::new())
+}
+
+fn error_page(status: StatusCode, title: &str) -> Response<Body> {
+    text(
+        status,
+        format!(
+            "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n\
+             <!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Transitional//EN\"\n\
+             \t\"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd\">\n\
+             <html xmlns=\"http://www.w3.org/1999/xhtml\" xml:lang=\"en\" lang=\"en\">\n \
+             <head>\n  <title>{title}</title>\n </head>\n \
+             <body>\n  <h1>{title}</h1>\n </body>\n\
+             </html>\n"
+        ),
+    )
+}
+
+fn decorate(response: &mut Response<Body>) {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("none"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Secret;
+    use time::macros::datetime;
+
+    #[test]
+    fn the_role_document_matches_ec2_byte_for_byte() {
+        let creds = Credentials {
+            access_key_id: "ASIAIOSFODNN7EXAMPLE".into(),
+            secret_access_key: Secret::new("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+            session_token: Secret::new("token"),
+            expiration: datetime!(2017-05-17 15:09:54 UTC),
+            last_updated: datetime!(2012-04-26 16:39:16 UTC),
+        };
+        assert_eq!(
+            credentials_document(&creds),
+            "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2012-04-26T16:39:16Z\",\n  \"Type\" : \"AWS-HMAC\",\n  \
+             \"AccessKeyId\" : \"ASIAIOSFODNN7EXAMPLE\",\n  \"SecretAccessKey\" : \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\",\n  \
+             \"Token\" : \"token\",\n  \"Expiration\" : \"2017-05-17T15:09:54Z\"\n}"
+        );
+    }
+
+    #[test]
+    fn times_are_utc_whole_seconds() {
+        let t = datetime!(2026-11-23 23:59:59.987 +02:00);
+        assert_eq!(imds_time(t), "2026-11-23T21:59:59Z");
+    }
+
+    #[test]
+    fn info_names_an_instance_profile_after_the_role() {
+        let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/app").unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&info_document(&role, datetime!(2020-04-02 18:50:40 UTC)))
+                .unwrap();
+        assert_eq!(doc["Code"], "Success");
+        assert_eq!(
+            doc["InstanceProfileArn"],
+            "arn:aws:iam::123456789012:instance-profile/team/app"
+        );
+        let id = doc["InstanceProfileId"].as_str().unwrap();
+        assert!(id.starts_with("AIPA") && id.len() == 21, "{id}");
+    }
+
+    #[test]
+    fn every_response_carries_ec2s_headers() {
+        for response in [
+            Failure::NotFound.into_response(),
+            Failure::Forwarded.into_response(),
+            token("t".into(), 5),
+        ] {
+            assert_eq!(response.headers()[header::SERVER], "EC2ws");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain");
+        }
+    }
+
+    #[test]
+    fn failures_map_to_ec2_statuses() {
+        let cases = [
+            (Failure::BadPath, 400),
+            (Failure::BadTtl, 400),
+            (Failure::Forwarded, 403),
+            (Failure::VersionedTokenPath, 403),
+            (Failure::MethodNotAllowed("OPTIONS, PUT"), 405),
+            (Failure::BadToken, 401),
+            (Failure::TokenRequired, 401),
+            (Failure::NotFound, 404),
+            (Failure::InvalidRole, 404),
+            (Failure::Unavailable, 503),
+        ];
+        for (failure, status) in cases {
+            let kind = failure.kind();
+            assert_eq!(failure.into_response().status().as_u16(), status, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_a_non_success_document_without_secrets() {
+        let role = RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap();
+        let error = credentials::Error::Sts(crate::sts::Error::Refused {
+            role: role.to_string(),
+            code: "AccessDenied".into(),
+            message: "Not authorized to perform sts:AssumeRoleWithWebIdentity".into(),
+        });
+        let response = Failure::Refused { role, error }.into_response();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body();
+        let bytes = futures::executor::block_on(http_body_util::BodyExt::collect(body))
+            .unwrap()
+            .to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc["Code"], "AssumeRoleUnauthorizedAccess");
+        assert!(doc["Message"].as_str().unwrap().contains("AccessDenied"));
+        assert!(doc.get("AccessKeyId").is_none());
+    }
+}

@@ -1,0 +1,195 @@
+//! IMDSv2 session tokens: stateless, HMAC-signed, bound to the caller's IP, expiring.
+//!
+//! A token is base64 of `version (1) ‖ expiry (8, unix seconds, big-endian) ‖ HMAC-SHA256(key, version ‖
+//! expiry ‖ caller IP as 16 bytes)`: 41 bytes, 56 characters, like EC2's. Nothing is stored per token, so
+//! a token flood costs no memory. Pure: the caller passes the time.
+
+use std::net::IpAddr;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+const VERSION: u8 = 1;
+const LEN: usize = 1 + 8 + 32;
+
+/// The longest TTL EC2 grants: six hours.
+pub const MAX_TTL_SECONDS: u64 = 21_600;
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("token is not one of ours")]
+    Malformed,
+    #[error("token signature does not match this caller")]
+    WrongCaller,
+    #[error("token expired")]
+    Expired,
+}
+
+/// Issues and checks tokens with one secret key.
+#[derive(Clone)]
+pub struct Sessions {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sessions(<key redacted>)")
+    }
+}
+
+impl Sessions {
+    /// Sessions signed with `key`.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key }
+    }
+
+    /// Sessions with a fresh random key (tokens do not survive a restart).
+    pub fn random() -> Self {
+        Self::new(rand::random())
+    }
+
+    fn mac(&self, head: &[u8], ip: IpAddr) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(head);
+        let ip16 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        mac.update(&ip16);
+        mac
+    }
+
+    /// A token for `ip`, valid for `ttl_seconds` from `now` (unix seconds).
+    pub fn issue(&self, ip: IpAddr, ttl_seconds: u64, now: u64) -> String {
+        let mut bytes = Vec::with_capacity(LEN);
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&(now + ttl_seconds).to_be_bytes());
+        let tag = self.mac(&bytes, ip).finalize().into_bytes();
+        bytes.extend_from_slice(&tag);
+        STANDARD.encode(bytes)
+    }
+
+    /// Checks `token` for a request from `ip` at `now` (unix seconds).
+    pub fn verify(&self, token: &str, ip: IpAddr, now: u64) -> Result<(), Invalid> {
+        if token.len() != 56 {
+            return Err(Invalid::Malformed);
+        }
+        let bytes = STANDARD.decode(token).map_err(|_| Invalid::Malformed)?;
+        if bytes.len() != LEN || bytes[0] != VERSION {
+            return Err(Invalid::Malformed);
+        }
+        let (head, tag) = bytes.split_at(9);
+        self.mac(head, ip)
+            .verify_slice(tag)
+            .map_err(|_| Invalid::WrongCaller)?;
+        let expiry = u64::from_be_bytes(head[1..9].try_into().expect("8 bytes"));
+        if now >= expiry {
+            return Err(Invalid::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// Parses the TTL header of a token request: an integer from 1 to 21600.
+pub fn parse_ttl(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>()
+        .ok()
+        .filter(|t| (1..=MAX_TTL_SECONDS).contains(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_token_works_for_its_caller_until_it_expires() {
+        let s = Sessions::new([7; 32]);
+        let t = s.issue(ip("10.0.0.1"), 60, 1_000);
+        assert_eq!(t.len(), 56);
+        assert!(t.bytes().all(|b| b.is_ascii_graphic()));
+        assert_eq!(s.verify(&t, ip("10.0.0.1"), 1_059), Ok(()));
+        assert_eq!(s.verify(&t, ip("10.0.0.1"), 1_060), Err(Invalid::Expired));
+    }
+
+    #[test]
+    fn a_token_from_another_ip_is_refused() {
+        let s = Sessions::new([7; 32]);
+        let t = s.issue(ip("10.0.0.1"), 60, 1_000);
+        assert_eq!(
+            s.verify(&t, ip("10.0.0.2"), 1_001),
+            Err(Invalid::WrongCaller)
+        );
+        assert_eq!(
+            s.verify(&t, ip("fd00::1"), 1_001),
+            Err(Invalid::WrongCaller)
+        );
+    }
+
+    #[test]
+    fn a_token_signed_with_another_key_is_refused() {
+        let t = Sessions::new([1; 32]).issue(ip("10.0.0.1"), 60, 1_000);
+        assert_eq!(
+            Sessions::new([2; 32]).verify(&t, ip("10.0.0.1"), 1_001),
+            Err(Invalid::WrongCaller)
+        );
+    }
+
+    #[test]
+    fn garbage_and_tampered_tokens_are_refused() {
+        let s = Sessions::new([7; 32]);
+        for garbage in [
+            "",
+            "x",
+            "AQAEA==",
+            &"A".repeat(56),
+            &"é".repeat(28),
+            &"A".repeat(5000),
+        ] {
+            assert_eq!(
+                s.verify(garbage, ip("10.0.0.1"), 1_000),
+                Err(Invalid::Malformed),
+                "{garbage:?}"
+            );
+        }
+        // Extending the expiry invalidates the signature.
+        let t = s.issue(ip("10.0.0.1"), 60, 1_000);
+        let mut bytes = STANDARD.decode(&t).unwrap();
+        bytes[8] = bytes[8].wrapping_add(100);
+        let forged = STANDARD.encode(bytes);
+        assert_eq!(
+            s.verify(&forged, ip("10.0.0.1"), 1_001),
+            Err(Invalid::WrongCaller)
+        );
+    }
+
+    #[test]
+    fn ttls_outside_one_to_21600_seconds_are_invalid() {
+        assert_eq!(parse_ttl(b"1"), Some(1));
+        assert_eq!(parse_ttl(b"21600"), Some(21_600));
+        for bad in [
+            &b""[..],
+            b"0",
+            b"21601",
+            b"-1",
+            b"+5",
+            b" 5",
+            b"5s",
+            b"1e3",
+            b"99999999999999999999999",
+        ] {
+            assert_eq!(parse_ttl(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

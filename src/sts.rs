@@ -1,0 +1,256 @@
+//! `AssumeRoleWithWebIdentity`: a pod-bound token in, temporary credentials for one role out.
+//!
+//! The call is unsigned (the operation needs no AWS credentials), so the node holds none. Errors are
+//! classified once, here: a refusal (the role does not trust this pod, the token is rejected) is final
+//! for this token; anything else (5xx, throttling, network) is transient.
+
+use std::time::Duration;
+
+use aws_sdk_sts::config::{BehaviorVersion, Region};
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
+use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::http::Response as HttpResponse;
+use time::OffsetDateTime;
+
+use crate::workload::{Credentials, RoleArn, Secret, Workload};
+
+/// STS settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `--region`: selects the regional STS endpoint.
+    pub region: String,
+    /// `--sts-endpoint`: overrides the endpoint (a VPC endpoint, a test double).
+    pub endpoint: Option<String>,
+    /// `--session-duration`.
+    pub session_duration: Duration,
+}
+
+/// Why STS gave no credentials.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// STS answered and refused: AccessDenied, InvalidIdentityToken, ExpiredToken, …
+    #[error("STS refused AssumeRoleWithWebIdentity for {role}: {code}: {message}")]
+    Refused {
+        role: String,
+        code: String,
+        message: String,
+    },
+    /// STS failed, throttled or could not be reached.
+    #[error("STS AssumeRoleWithWebIdentity for {role} failed: {code}: {message}")]
+    Unavailable {
+        role: String,
+        code: String,
+        message: String,
+    },
+    /// STS answered without usable credentials.
+    #[error("STS answered AssumeRoleWithWebIdentity for {role} without credentials")]
+    Malformed { role: String },
+}
+
+impl Error {
+    /// A closed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Refused { .. } => "refused",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Malformed { .. } => "malformed",
+        }
+    }
+
+    /// The AWS error code, for logs and error documents.
+    pub fn code(&self) -> &str {
+        match self {
+            Error::Refused { code, .. } | Error::Unavailable { code, .. } => code,
+            Error::Malformed { .. } => "MalformedResponse",
+        }
+    }
+}
+
+/// Error codes that say "try again later" even on a 4xx status.
+const TRANSIENT_CODES: &[&str] = &[
+    "IDPCommunicationError",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "InternalFailure",
+];
+
+/// Exchanges tokens for credentials.
+#[derive(Clone)]
+pub struct Exchanger {
+    client: aws_sdk_sts::Client,
+    duration_seconds: i32,
+}
+
+impl Exchanger {
+    /// Builds the STS client. No credentials provider is configured, on purpose.
+    pub fn new(config: &Config) -> Self {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut builder = aws_sdk_sts::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .http_client(http)
+            .timeout_config(
+                aws_sdk_sts::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(5))
+                    .operation_timeout(Duration::from_secs(15))
+                    .build(),
+            );
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Self {
+            client: aws_sdk_sts::Client::from_conf(builder.build()),
+            duration_seconds: i32::try_from(config.session_duration.as_secs()).unwrap_or(i32::MAX),
+        }
+    }
+
+    /// Assumes `role` as `workload` with its pod-bound `token`.
+    pub async fn exchange(
+        &self,
+        role: &RoleArn,
+        workload: &Workload,
+        token: &Secret,
+    ) -> Result<Credentials, Error> {
+        let output = self
+            .client
+            .assume_role_with_web_identity()
+            .role_arn(role.as_str())
+            .role_session_name(session_name(&workload.namespace, &workload.name))
+            .web_identity_token(token.expose())
+            .duration_seconds(self.duration_seconds)
+            .send()
+            .await
+            .map_err(|error| classify(role, error))?;
+        let malformed = || Error::Malformed {
+            role: role.to_string(),
+        };
+        let creds = output.credentials.ok_or_else(malformed)?;
+        let expiration = OffsetDateTime::from_unix_timestamp(creds.expiration.secs())
+            .map_err(|_| malformed())?;
+        Ok(Credentials {
+            access_key_id: creds.access_key_id,
+            secret_access_key: Secret::new(creds.secret_access_key),
+            session_token: Secret::new(creds.session_token),
+            expiration,
+            last_updated: OffsetDateTime::now_utc(),
+        })
+    }
+}
+
+fn classify(
+    role: &RoleArn,
+    error: SdkError<AssumeRoleWithWebIdentityError, HttpResponse>,
+) -> Error {
+    let role = role.to_string();
+    match &error {
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let code = err.code().unwrap_or("Unknown").to_owned();
+            let message = err.message().unwrap_or_default().to_owned();
+            if service.raw().status().is_server_error() || TRANSIENT_CODES.contains(&code.as_str())
+            {
+                Error::Unavailable {
+                    role,
+                    code,
+                    message,
+                }
+            } else {
+                Error::Refused {
+                    role,
+                    code,
+                    message,
+                }
+            }
+        }
+        SdkError::TimeoutError(_) => Error::Unavailable {
+            role,
+            code: "Timeout".to_owned(),
+            message: "no answer from STS in time".to_owned(),
+        },
+        SdkError::DispatchFailure(_) => Error::Unavailable {
+            role,
+            code: "DispatchFailure".to_owned(),
+            message: format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&error)
+            ),
+        },
+        _ => Error::Unavailable {
+            role,
+            code: "ResponseError".to_owned(),
+            message: format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&error)
+            ),
+        },
+    }
+}
+
+/// The `RoleSessionName` for a pod: `<namespace>.<name>`, restricted to `[\w+=,.@-]` and at most 64
+/// characters. Stable across refreshes, so CloudTrail shows one session name per pod. Too-long names
+/// keep a readable prefix and end in a hash of the full name, so two long names never collide.
+pub fn session_name(namespace: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let sanitise = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    };
+    let full = format!("{}.{}", sanitise(namespace), sanitise(name));
+    if full.len() <= 64 {
+        return full;
+    }
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hash}", &full[..64 - 1 - hash.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(name: &str) -> bool {
+        (2..=64).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+    }
+
+    #[test]
+    fn session_names_identify_the_pod() {
+        assert_eq!(
+            session_name("payments", "api-7d9f-x2"),
+            "payments.api-7d9f-x2"
+        );
+    }
+
+    #[test]
+    fn session_names_are_sanitised() {
+        let name = session_name("ns", "we!rd/näme");
+        assert!(valid(&name), "{name}");
+    }
+
+    #[test]
+    fn long_session_names_are_cut_stable_and_distinct() {
+        let long_a = "a".repeat(200);
+        let long_b = format!("{}b", "a".repeat(199));
+        let a = session_name("namespace", &long_a);
+        assert!(valid(&a) && a.len() == 64, "{a}");
+        assert_eq!(a, session_name("namespace", &long_a));
+        assert_ne!(a, session_name("namespace", &long_b));
+    }
+}
