@@ -111,11 +111,7 @@ impl App {
         // answered from the cache and the index.
         let background = CancellationToken::new();
         let watch_task = tokio::spawn(self.watcher.run(background.clone()));
-        let cache_task = tokio::spawn(self.cache.run(
-            self.events,
-            ready_tx.clone(),
-            background.clone(),
-        ));
+        let cache_task = tokio::spawn(self.cache.run(self.events, ready_tx.clone(), background.clone()));
 
         let imds = self.imds.clone();
         let imds_task = tokio::spawn(server::serve(

@@ -26,11 +26,7 @@ pub struct Args {
     pub listen: SocketAddr,
 
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(
-        long,
-        env = "IMDS_BROKER_METRICS_LISTEN",
-        default_value = "0.0.0.0:9181"
-    )]
+    #[arg(long, env = "IMDS_BROKER_METRICS_LISTEN", default_value = "0.0.0.0:9181")]
     pub metrics_listen: SocketAddr,
 
     /// AWS region whose STS endpoint is used (sts.<region>.amazonaws.com).
@@ -47,11 +43,7 @@ pub struct Args {
     pub session_duration: u64,
 
     /// Audience of the pod-bound tokens (the client id of the cluster's OIDC provider in IAM).
-    #[arg(
-        long,
-        env = "IMDS_BROKER_TOKEN_AUDIENCE",
-        default_value = "sts.amazonaws.com"
-    )]
+    #[arg(long, env = "IMDS_BROKER_TOKEN_AUDIENCE", default_value = "sts.amazonaws.com")]
     pub token_audience: String,
 
     /// Lifetime of the pod-bound tokens, in seconds (the API server's minimum is 600).
@@ -69,12 +61,7 @@ pub struct Args {
     pub default_role: Option<String>,
 
     /// Whether token-less IMDSv1 requests are served.
-    #[arg(
-        long,
-        env = "IMDS_BROKER_IMDSV2",
-        value_enum,
-        default_value = "optional"
-    )]
+    #[arg(long, env = "IMDS_BROKER_IMDSV2", value_enum, default_value = "optional")]
     pub imdsv2: Imdsv2,
 
     /// How long a request from a not-yet-known pod IP waits for the pod watch (e.g. 500ms).
@@ -98,12 +85,7 @@ pub struct Args {
     pub shutdown_grace: Duration,
 
     /// Log format.
-    #[arg(
-        long,
-        env = "IMDS_BROKER_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, env = "IMDS_BROKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Log filter in tracing's EnvFilter syntax (e.g. info, imds_broker=debug).
@@ -126,9 +108,7 @@ pub enum Error {
     },
     #[error("--node-name must not be empty")]
     NodeName,
-    #[error(
-        "--session-duration {session:?} must exceed --credential-min-remaining {min:?} by at least a minute"
-    )]
+    #[error("--session-duration {session:?} must exceed --credential-min-remaining {min:?} by at least a minute")]
     SessionTooShort { session: Duration, min: Duration },
     #[error("--region must not be empty")]
     Region,
@@ -215,9 +195,7 @@ impl Args {
 /// Parses `250ms`, `30s`, `15m`, `1h` (a bare number is seconds).
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (number, unit) = value.split_at(split);
     let n: u64 = number
         .parse()
@@ -227,9 +205,7 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "" | "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "{value:?}: unknown unit {unit:?} (use ms, s, m or h)"
-        )),
+        _ => Err(format!("{value:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
 }
 
@@ -263,9 +239,7 @@ mod tests {
             Err(Error::DefaultRole { .. })
         ));
         assert!(matches!(
-            args(&["--base-role-arn", "arn:aws:iam::1:role/"])
-                .unwrap()
-                .config(),
+            args(&["--base-role-arn", "arn:aws:iam::1:role/"]).unwrap().config(),
             Err(Error::BaseArn { .. })
         ));
     }
@@ -279,14 +253,9 @@ mod tests {
 
     #[test]
     fn a_session_must_outlive_the_minimum_remaining() {
-        let err = args(&[
-            "--session-duration",
-            "1200",
-            "--credential-min-remaining",
-            "20m",
-        ])
-        .unwrap()
-        .config();
+        let err = args(&["--session-duration", "1200", "--credential-min-remaining", "20m"])
+            .unwrap()
+            .config();
         assert!(matches!(err, Err(Error::SessionTooShort { .. })));
     }
 

@@ -43,9 +43,7 @@ pub enum Error {
     #[error(transparent)]
     Sts(#[from] sts::Error),
     /// STS granted less validity than we must guarantee when serving.
-    #[error(
-        "STS granted credentials for {role} valid for {granted:?}, less than the {required:?} we must leave"
-    )]
+    #[error("STS granted credentials for {role} valid for {granted:?}, less than the {required:?} we must leave")]
     ShortLived {
         role: String,
         granted: Duration,
@@ -75,8 +73,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Token(token::Error::Unavailable { .. })
-                | Error::Sts(sts::Error::Unavailable { .. })
+            Error::Token(token::Error::Unavailable { .. }) | Error::Sts(sts::Error::Unavailable { .. })
         )
     }
 }
@@ -93,9 +90,7 @@ pub struct Schedule {
 /// but at most 10 minutes before the window closes, so a failed refresh has time to be retried by the
 /// background refresher before any request must wait for STS.
 pub fn schedule(lifetime: Duration, min_remaining: Duration) -> Option<Schedule> {
-    let serve_for = lifetime
-        .checked_sub(min_remaining)
-        .filter(|d| !d.is_zero())?;
+    let serve_for = lifetime.checked_sub(min_remaining).filter(|d| !d.is_zero())?;
     let margin = (serve_for / 2).min(Duration::from_secs(600));
     Some(Schedule {
         refresh_after: serve_for - margin,
@@ -145,9 +140,7 @@ impl Metrics {
                 "imds_broker_credentials_fetch_duration_seconds",
                 "Time to mint a token and exchange it at STS",
             )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             &["cause"],
         )?;
         registry.register(Box::new(lookups.clone()))?;
@@ -233,20 +226,11 @@ impl Cache {
     }
 
     /// Credentials for `workload` in `role`, from the cache or freshly obtained.
-    pub async fn get(
-        &self,
-        workload: &Workload,
-        role: &RoleArn,
-    ) -> Result<Arc<Credentials>, Error> {
+    pub async fn get(&self, workload: &Workload, role: &RoleArn) -> Result<Arc<Credentials>, Error> {
         self.get_for(workload, role, Cause::Request).await
     }
 
-    async fn get_for(
-        &self,
-        workload: &Workload,
-        role: &RoleArn,
-        cause: Cause,
-    ) -> Result<Arc<Credentials>, Error> {
+    async fn get_for(&self, workload: &Workload, role: &RoleArn, cause: Cause) -> Result<Arc<Credentials>, Error> {
         let key = Key {
             uid: workload.uid.clone(),
             role: role.clone(),
@@ -272,12 +256,7 @@ impl Cache {
         Ok(entry.credentials.clone())
     }
 
-    async fn fetch(
-        &self,
-        workload: &Workload,
-        role: &RoleArn,
-        cause: Cause,
-    ) -> Result<Arc<Entry>, Error> {
+    async fn fetch(&self, workload: &Workload, role: &RoleArn, cause: Cause) -> Result<Arc<Entry>, Error> {
         let inner = &self.inner;
         let started = Instant::now();
         let result = async {
@@ -286,12 +265,10 @@ impl Cache {
             let lifetime = (credentials.expiration - OffsetDateTime::now_utc())
                 .try_into()
                 .unwrap_or(Duration::ZERO);
-            let plan = schedule(lifetime, inner.config.min_remaining).ok_or_else(|| {
-                Error::ShortLived {
-                    role: role.to_string(),
-                    granted: lifetime,
-                    required: inner.config.min_remaining,
-                }
+            let plan = schedule(lifetime, inner.config.min_remaining).ok_or_else(|| Error::ShortLived {
+                role: role.to_string(),
+                granted: lifetime,
+                required: inner.config.min_remaining,
             })?;
             let now = Instant::now();
             Ok::<_, Error>(Arc::new(Entry {
@@ -310,11 +287,7 @@ impl Cache {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        inner
-            .metrics
-            .fetches
-            .with_label_values(&[cause.label(), outcome])
-            .inc();
+        inner.metrics.fetches.with_label_values(&[cause.label(), outcome]).inc();
         match &result {
             Ok(entry) => tracing::info!(
                 pod = %workload.key(), role = %role, cause = cause.label(),
@@ -350,18 +323,12 @@ impl Cache {
                     .inner
                     .store
                     .read(|i| i.get(&key.uid).cloned())
-                    .is_some_and(|w| {
-                        this.inner.resolver.resolve(&w).ok().flatten().as_ref() == Some(&key.role)
-                    });
+                    .is_some_and(|w| this.inner.resolver.resolve(&w).ok().flatten().as_ref() == Some(&key.role));
                 if still_wanted {
                     this.inner.entries.insert(key.clone(), entry).await;
                 }
             }
-            this.inner
-                .refreshing
-                .lock()
-                .expect("refresh set poisoned")
-                .remove(&key);
+            this.inner.refreshing.lock().expect("refresh set poisoned").remove(&key);
         });
     }
 
@@ -387,12 +354,7 @@ impl Cache {
 
     /// Follows pod changes (prefetch, eviction) and refreshes sessions that are due, until `shutdown`.
     /// Sets `ready` once the first full pod list has been seen and its prefetches have been attempted.
-    pub async fn run(
-        self,
-        mut events: mpsc::Receiver<Event>,
-        ready: watch::Sender<bool>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(self, mut events: mpsc::Receiver<Event>, ready: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(self.inner.config.refresh_check_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prefetches = JoinSet::new();
@@ -463,10 +425,7 @@ impl Cache {
         for key in due {
             let workload = self.inner.store.read(|i| i.get(&key.uid).cloned());
             match workload {
-                Some(w)
-                    if self.inner.resolver.resolve(&w).ok().flatten().as_ref()
-                        == Some(&key.role) =>
-                {
+                Some(w) if self.inner.resolver.resolve(&w).ok().flatten().as_ref() == Some(&key.role) => {
                     self.spawn_refresh(key, w)
                 }
                 _ => self.inner.entries.invalidate(&key).await,

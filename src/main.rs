@@ -23,10 +23,7 @@ fn main() -> ExitCode {
         eprintln!("imds-broker: invalid --log filter {:?}: {error}", args.log);
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("imds-broker: cannot start the async runtime: {error}");
@@ -35,9 +32,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown::on_signals()?;
-        let client = kube::Client::try_default().await.map_err(|e| {
-            anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}")
-        })?;
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?;
         App::build(config, client).await?.run(shutdown).await
     });
     match result {

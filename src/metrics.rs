@@ -8,11 +8,8 @@ use prometheus::{Encoder, IntGauge, Opts, Registry, TextEncoder};
 pub fn registry() -> prometheus::Result<Registry> {
     let registry = Registry::new();
     let info = IntGauge::with_opts(
-        Opts::new(
-            "imds_broker_build_info",
-            "Build information; the value is always 1",
-        )
-        .const_label("version", env!("CARGO_PKG_VERSION")),
+        Opts::new("imds_broker_build_info", "Build information; the value is always 1")
+            .const_label("version", env!("CARGO_PKG_VERSION")),
     )?;
     info.set(1);
     registry.register(Box::new(info))?;

@@ -28,10 +28,7 @@ pub enum Error {
         reason: RoleArnError,
     },
     #[error("annotation {annotation}={value:?} names a role but no --base-role-arn is configured")]
-    NoBaseArn {
-        annotation: &'static str,
-        value: String,
-    },
+    NoBaseArn { annotation: &'static str, value: String },
 }
 
 impl Error {
@@ -74,21 +71,19 @@ impl Resolver {
     /// The role `workload` may use, `Ok(None)` when it has none.
     pub fn resolve(&self, workload: &Workload) -> Result<Option<RoleArn>, Error> {
         if let Some(value) = &workload.pod_role {
-            return self.from_pod_annotation(value).map(Some);
+            return self.resolve_pod_annotation(value).map(Some);
         }
         if let Some(value) = &workload.service_account_role {
-            return RoleArn::parse(value)
-                .map(Some)
-                .map_err(|reason| Error::Invalid {
-                    annotation: SERVICE_ACCOUNT_ANNOTATION,
-                    value: value.clone(),
-                    reason,
-                });
+            return RoleArn::parse(value).map(Some).map_err(|reason| Error::Invalid {
+                annotation: SERVICE_ACCOUNT_ANNOTATION,
+                value: value.clone(),
+                reason,
+            });
         }
         Ok(self.default.clone())
     }
 
-    fn from_pod_annotation(&self, value: &str) -> Result<RoleArn, Error> {
+    fn resolve_pod_annotation(&self, value: &str) -> Result<RoleArn, Error> {
         let invalid = |reason| Error::Invalid {
             annotation: POD_ANNOTATION,
             value: value.to_owned(),
@@ -144,37 +139,25 @@ mod tests {
                 Some(SA_ROLE),
             ))
             .unwrap();
-        assert_eq!(
-            role.unwrap().as_str(),
-            "arn:aws:iam::333333333333:role/from-pod"
-        );
+        assert_eq!(role.unwrap().as_str(), "arn:aws:iam::333333333333:role/from-pod");
     }
 
     #[test]
     fn a_role_name_is_completed_with_the_base_arn() {
         let r = resolver();
         assert_eq!(
-            r.resolve(&workload(Some("app"), None))
-                .unwrap()
-                .unwrap()
-                .as_str(),
+            r.resolve(&workload(Some("app"), None)).unwrap().unwrap().as_str(),
             "arn:aws:iam::111111111111:role/app"
         );
         assert_eq!(
-            r.resolve(&workload(Some("/team/app"), None))
-                .unwrap()
-                .unwrap()
-                .as_str(),
+            r.resolve(&workload(Some("/team/app"), None)).unwrap().unwrap().as_str(),
             "arn:aws:iam::111111111111:role/team/app"
         );
     }
 
     #[test]
     fn the_service_account_annotation_applies_without_a_pod_annotation() {
-        let role = resolver()
-            .resolve(&workload(None, Some(SA_ROLE)))
-            .unwrap()
-            .unwrap();
+        let role = resolver().resolve(&workload(None, Some(SA_ROLE))).unwrap().unwrap();
         assert_eq!(role.as_str(), SA_ROLE);
     }
 
@@ -186,11 +169,7 @@ mod tests {
             ..resolver()
         };
         assert_eq!(
-            with_default
-                .resolve(&workload(None, None))
-                .unwrap()
-                .unwrap()
-                .name(),
+            with_default.resolve(&workload(None, None)).unwrap().unwrap().name(),
             "default"
         );
     }
@@ -219,9 +198,7 @@ mod tests {
             default: Some(RoleArn::parse("arn:aws:iam::111111111111:role/default").unwrap()),
             ..resolver()
         };
-        let err = with_default
-            .resolve(&workload(None, Some("not-an-arn")))
-            .unwrap_err();
+        let err = with_default.resolve(&workload(None, Some("not-an-arn"))).unwrap_err();
         assert!(matches!(
             err,
             Error::Invalid {
@@ -233,9 +210,7 @@ mod tests {
 
     #[test]
     fn a_role_name_without_a_base_arn_is_refused() {
-        let err = Resolver::default()
-            .resolve(&workload(Some("app"), None))
-            .unwrap_err();
+        let err = Resolver::default().resolve(&workload(Some("app"), None)).unwrap_err();
         assert_eq!(err.kind(), "no_base_arn");
     }
 

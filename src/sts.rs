@@ -88,9 +88,7 @@ impl Exchanger {
     /// Builds the STS client. No credentials provider is configured, on purpose.
     pub fn new(config: &Config) -> Self {
         let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
         let mut builder = aws_sdk_sts::Config::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -113,12 +111,7 @@ impl Exchanger {
     }
 
     /// Assumes `role` as `workload` with its pod-bound `token`.
-    pub async fn exchange(
-        &self,
-        role: &RoleArn,
-        workload: &Workload,
-        token: &Secret,
-    ) -> Result<Credentials, Error> {
+    pub async fn exchange(&self, role: &RoleArn, workload: &Workload, token: &Secret) -> Result<Credentials, Error> {
         let output = self
             .client
             .assume_role_with_web_identity()
@@ -129,12 +122,9 @@ impl Exchanger {
             .send()
             .await
             .map_err(|error| classify(role, error))?;
-        let malformed = || Error::Malformed {
-            role: role.to_string(),
-        };
+        let malformed = || Error::Malformed { role: role.to_string() };
         let creds = output.credentials.ok_or_else(malformed)?;
-        let expiration = OffsetDateTime::from_unix_timestamp(creds.expiration.secs())
-            .map_err(|_| malformed())?;
+        let expiration = OffsetDateTime::from_unix_timestamp(creds.expiration.secs()).map_err(|_| malformed())?;
         Ok(Credentials {
             access_key_id: creds.access_key_id,
             secret_access_key: Secret::new(creds.secret_access_key),
@@ -145,29 +135,17 @@ impl Exchanger {
     }
 }
 
-fn classify(
-    role: &RoleArn,
-    error: SdkError<AssumeRoleWithWebIdentityError, HttpResponse>,
-) -> Error {
+fn classify(role: &RoleArn, error: SdkError<AssumeRoleWithWebIdentityError, HttpResponse>) -> Error {
     let role = role.to_string();
     match &error {
         SdkError::ServiceError(service) => {
             let err = service.err();
             let code = err.code().unwrap_or("Unknown").to_owned();
             let message = err.message().unwrap_or_default().to_owned();
-            if service.raw().status().is_server_error() || TRANSIENT_CODES.contains(&code.as_str())
-            {
-                Error::Unavailable {
-                    role,
-                    code,
-                    message,
-                }
+            if service.raw().status().is_server_error() || TRANSIENT_CODES.contains(&code.as_str()) {
+                Error::Unavailable { role, code, message }
             } else {
-                Error::Refused {
-                    role,
-                    code,
-                    message,
-                }
+                Error::Refused { role, code, message }
             }
         }
         SdkError::TimeoutError(_) => Error::Unavailable {
@@ -178,18 +156,12 @@ fn classify(
         SdkError::DispatchFailure(_) => Error::Unavailable {
             role,
             code: "DispatchFailure".to_owned(),
-            message: format!(
-                "{}",
-                aws_smithy_types::error::display::DisplayErrorContext(&error)
-            ),
+            message: format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&error)),
         },
         _ => Error::Unavailable {
             role,
             code: "ResponseError".to_owned(),
-            message: format!(
-                "{}",
-                aws_smithy_types::error::display::DisplayErrorContext(&error)
-            ),
+            message: format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&error)),
         },
     }
 }
@@ -224,18 +196,12 @@ mod tests {
     use super::*;
 
     fn valid(name: &str) -> bool {
-        (2..=64).contains(&name.len())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+        (2..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
     }
 
     #[test]
     fn session_names_identify_the_pod() {
-        assert_eq!(
-            session_name("payments", "api-7d9f-x2"),
-            "payments.api-7d9f-x2"
-        );
+        assert_eq!(session_name("payments", "api-7d9f-x2"), "payments.api-7d9f-x2");
     }
 
     #[test]

@@ -33,10 +33,7 @@ pub enum Error {
     },
     /// The API server could not be reached or failed.
     #[error("TokenRequest for {service_account} failed: {message}")]
-    Unavailable {
-        service_account: String,
-        message: String,
-    },
+    Unavailable { service_account: String, message: String },
     /// The API server answered 2xx without a token.
     #[error("TokenRequest for {service_account} returned no token")]
     Empty { service_account: String },

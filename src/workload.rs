@@ -80,22 +80,14 @@ impl RoleArn {
     /// values are compared byte for byte, and a silently trimmed value hides a typo.
     pub fn parse(value: &str) -> Result<Self, RoleArnError> {
         let mut parts = value.splitn(6, ':');
-        let (
-            Some("arn"),
-            Some(partition),
-            Some(service),
-            Some(region),
-            Some(account),
-            Some(resource),
-        ) = (
+        let (Some("arn"), Some(partition), Some(service), Some(region), Some(account), Some(resource)) = (
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
-        )
-        else {
+        ) else {
             return Err(RoleArnError::NotAnArn);
         };
         if !PARTITIONS.contains(&partition) {
@@ -232,18 +224,12 @@ mod tests {
     fn malformed_arns_are_refused_with_a_reason() {
         let cases = [
             ("app", RoleArnError::NotAnArn),
-            (
-                "arn:aws:s3:::bucket/x",
-                RoleArnError::WrongService("s3".into()),
-            ),
+            ("arn:aws:s3:::bucket/x", RoleArnError::WrongService("s3".into())),
             (
                 "arn:foo:iam::123456789012:role/x",
                 RoleArnError::UnknownPartition("foo".into()),
             ),
-            (
-                "arn:aws:iam:us-east-1:123456789012:role/x",
-                RoleArnError::HasRegion,
-            ),
+            ("arn:aws:iam:us-east-1:123456789012:role/x", RoleArnError::HasRegion),
             ("arn:aws:iam::12345:role/x", RoleArnError::BadAccount),
             ("arn:aws:iam::123456789012:user/x", RoleArnError::NotARole),
             ("arn:aws:iam::123456789012:role/", RoleArnError::BadName),

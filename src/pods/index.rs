@@ -121,11 +121,7 @@ impl Index {
             return Lookup::Unknown;
         };
         let candidates: Vec<&Workload> = uids.iter().filter_map(|u| self.pods.get(u)).collect();
-        let live: Vec<&Workload> = candidates
-            .iter()
-            .copied()
-            .filter(|w| !w.terminating)
-            .collect();
+        let live: Vec<&Workload> = candidates.iter().copied().filter(|w| !w.terminating).collect();
         let owners = if live.is_empty() { candidates } else { live };
         match owners.as_slice() {
             [] => Lookup::Unknown,
@@ -167,26 +163,15 @@ impl Index {
             if let Some(uid) = &pod.metadata.uid {
                 seen.insert(uid.clone());
             }
-            let before = pod
-                .metadata
-                .uid
-                .as_ref()
-                .and_then(|u| self.pods.get(u))
-                .cloned();
+            let before = pod.metadata.uid.as_ref().and_then(|u| self.pods.get(u)).cloned();
             if let Some(change) = self.apply_pod(pod) {
-                let unchanged =
-                    matches!((&before, &change), (Some(b), Change::Upserted(a)) if a == b);
+                let unchanged = matches!((&before, &change), (Some(b), Change::Upserted(a)) if a == b);
                 if !unchanged {
                     changes.push(change);
                 }
             }
         }
-        let gone: Vec<String> = self
-            .pods
-            .keys()
-            .filter(|u| !seen.contains(*u))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.pods.keys().filter(|u| !seen.contains(*u)).cloned().collect();
         changes.extend(gone.iter().filter_map(|uid| self.remove(uid)));
         changes
     }
@@ -242,18 +227,13 @@ impl Index {
         exists: bool,
     ) -> Vec<Change> {
         if exists {
-            self.service_accounts
-                .insert(sa_key(namespace, name), role.clone());
+            self.service_accounts.insert(sa_key(namespace, name), role.clone());
         } else {
             self.service_accounts.remove(&sa_key(namespace, name));
         }
         self.pods
             .values_mut()
-            .filter(|w| {
-                w.namespace == namespace
-                    && w.service_account == name
-                    && w.service_account_role != role
-            })
+            .filter(|w| w.namespace == namespace && w.service_account == name && w.service_account_role != role)
             .map(|w| {
                 w.service_account_role = role.clone();
                 Change::Upserted(w.clone())
@@ -269,10 +249,7 @@ impl Index {
             .and_then(|s| s.service_account_name.as_deref())
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
-        self.service_accounts
-            .get(&sa_key(namespace, name))
-            .cloned()
-            .flatten()
+        self.service_accounts.get(&sa_key(namespace, name)).cloned().flatten()
     }
 
     fn upsert(&mut self, workload: Workload) -> Change {
@@ -324,8 +301,7 @@ pub(crate) mod tests {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
                 uid: Some(uid.into()),
-                annotations: role
-                    .map(|r| BTreeMap::from([(POD_ANNOTATION.to_owned(), r.to_owned())])),
+                annotations: role.map(|r| BTreeMap::from([(POD_ANNOTATION.to_owned(), r.to_owned())])),
                 ..Default::default()
             },
             spec: Some(PodSpec {

@@ -69,18 +69,12 @@ impl Store {
 
     /// Reads the index.
     pub fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
-        f(&self
-            .index
-            .read()
-            .expect("index lock poisoned: a writer panicked"))
+        f(&self.index.read().expect("index lock poisoned: a writer panicked"))
     }
 
     /// Changes the index and wakes waiters.
     pub(crate) fn write<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
-        let out = f(&mut self
-            .index
-            .write()
-            .expect("index lock poisoned: a writer panicked"));
+        let out = f(&mut self.index.write().expect("index lock poisoned: a writer panicked"));
         self.generation.send_modify(|g| *g += 1);
         out
     }
@@ -101,10 +95,7 @@ mod tests {
             writer.write(|i| i.apply_pod(&index::tests::pod("a", "uid-a", &["10.0.0.7"], None)));
         });
         let found = store
-            .lookup_or_wait(
-                "10.0.0.7".parse().unwrap(),
-                started + Duration::from_millis(500),
-            )
+            .lookup_or_wait("10.0.0.7".parse().unwrap(), started + Duration::from_millis(500))
             .await;
         assert!(matches!(found, Lookup::Found(w) if w.uid == "uid-a"));
         assert_eq!(started.elapsed(), Duration::from_millis(30));
@@ -115,10 +106,7 @@ mod tests {
         let store = Store::new();
         let started = Instant::now();
         let found = store
-            .lookup_or_wait(
-                "10.0.0.8".parse().unwrap(),
-                started + Duration::from_millis(500),
-            )
+            .lookup_or_wait("10.0.0.8".parse().unwrap(), started + Duration::from_millis(500))
             .await;
         assert_eq!(found, Lookup::Unknown);
         assert_eq!(started.elapsed(), Duration::from_millis(500));

@@ -26,10 +26,7 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers the metrics.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let pods = IntGauge::new(
-            "imds_broker_pods_indexed",
-            "Pods on this node currently indexed by IP",
-        )?;
+        let pods = IntGauge::new("imds_broker_pods_indexed", "Pods on this node currently indexed by IP")?;
         let events = IntCounterVec::new(
             Opts::new(
                 "imds_broker_watch_events_total",
@@ -47,11 +44,7 @@ impl Metrics {
         registry.register(Box::new(pods.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(errors.clone()))?;
-        Ok(Self {
-            pods,
-            events,
-            errors,
-        })
+        Ok(Self { pods, events, errors })
     }
 }
 
@@ -72,7 +65,7 @@ impl Watcher {
             watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name)),
         )
         .default_backoff()
-        .map_ok(Update::Pod)
+        .map_ok(|e| Update::Pod(Box::new(e)))
         .map_err(|e| ("pods", e));
         let accounts = watcher::watcher(
             Api::<ServiceAccount>::all(self.client.clone()),
@@ -103,7 +96,7 @@ impl Watcher {
             let changes = match update {
                 Update::Pod(event) => {
                     self.count("pods", &event);
-                    match event {
+                    match *event {
                         WatchEvent::Init => {
                             pod_buffer.clear();
                             Vec::new()
@@ -117,16 +110,8 @@ impl Watcher {
                             let pods = std::mem::take(&mut pod_buffer);
                             self.store.write(|i| i.replace_pods(&pods))
                         }
-                        WatchEvent::Apply(pod) => self
-                            .store
-                            .write(|i| i.apply_pod(&pod))
-                            .into_iter()
-                            .collect(),
-                        WatchEvent::Delete(pod) => self
-                            .store
-                            .write(|i| i.delete_pod(&pod))
-                            .into_iter()
-                            .collect(),
+                        WatchEvent::Apply(pod) => self.store.write(|i| i.apply_pod(&pod)).into_iter().collect(),
+                        WatchEvent::Delete(pod) => self.store.write(|i| i.delete_pod(&pod)).into_iter().collect(),
                     }
                 }
                 Update::ServiceAccount(event) => {
@@ -146,9 +131,7 @@ impl Watcher {
                             self.store.write(|i| i.replace_service_accounts(&accounts))
                         }
                         WatchEvent::Apply(sa) => self.store.write(|i| i.apply_service_account(&sa)),
-                        WatchEvent::Delete(sa) => {
-                            self.store.write(|i| i.delete_service_account(&sa))
-                        }
+                        WatchEvent::Delete(sa) => self.store.write(|i| i.delete_service_account(&sa)),
                     }
                 }
             };
@@ -176,14 +159,11 @@ impl Watcher {
             WatchEvent::Apply(_) => "apply",
             WatchEvent::Delete(_) => "delete",
         };
-        self.metrics
-            .events
-            .with_label_values(&[resource, kind])
-            .inc();
+        self.metrics.events.with_label_values(&[resource, kind]).inc();
     }
 }
 
 enum Update {
-    Pod(WatchEvent<Pod>),
+    Pod(Box<WatchEvent<Pod>>),
     ServiceAccount(WatchEvent<ServiceAccount>),
 }

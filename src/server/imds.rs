@@ -91,9 +91,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, Failure> {
     let route = match segments {
         ["latest", "meta-data", "iam"] => Route::IamListing,
         ["latest", "meta-data", "iam", "security-credentials"] => Route::RoleListing,
-        ["latest", "meta-data", "iam", "security-credentials", name] => {
-            Route::RoleDocument((*name).to_owned())
-        }
+        ["latest", "meta-data", "iam", "security-credentials", name] => Route::RoleDocument((*name).to_owned()),
         ["latest", "meta-data", "iam", "info"] => Route::Info,
         _ => return Err(Failure::NotFound),
     };
@@ -106,12 +104,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, Failure> {
 fn is_clean(path: &str) -> bool {
     path.starts_with('/')
         && path.len() <= 1024
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
-        && path[1..].split('/').enumerate().all(|(i, s)| {
-            s != "." && s != ".." && (!s.is_empty() || i == path[1..].split('/').count() - 1)
-        })
+        && path.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
+        && path[1..]
+            .split('/')
+            .enumerate()
+            .all(|(i, s)| s != "." && s != ".." && (!s.is_empty() || i == path[1..].split('/').count() - 1))
 }
 
 /// Request metrics.
@@ -185,12 +182,7 @@ impl Imds {
         response
     }
 
-    async fn answer<B>(
-        &self,
-        peer: IpAddr,
-        request: &Request<B>,
-        route: Route,
-    ) -> Result<Response<Body>, Failure> {
+    async fn answer<B>(&self, peer: IpAddr, request: &Request<B>, route: Route) -> Result<Response<Body>, Failure> {
         let now = unix_now();
         let headers = request.headers();
         if route == Route::Token {
@@ -311,10 +303,7 @@ mod tests {
             get("/latest/meta-data/iam/security-credentials/").ok(),
             list.clone().ok()
         );
-        assert_eq!(
-            get("/latest/meta-data/iam/security-credentials").ok(),
-            list.ok()
-        );
+        assert_eq!(get("/latest/meta-data/iam/security-credentials").ok(), list.ok());
         assert_eq!(
             get("/latest/meta-data/iam/security-credentials/app").ok(),
             Some(Route::RoleDocument("app".into()))
@@ -338,9 +327,7 @@ mod tests {
             "not_found"
         );
         assert_eq!(
-            kind(get(
-                "/latest/meta-data/iam/security-credentials-extended/app"
-            )),
+            kind(get("/latest/meta-data/iam/security-credentials-extended/app")),
             "not_found"
         );
     }
@@ -370,26 +357,14 @@ mod tests {
         ] {
             assert_eq!(kind(get(path)), "bad_path", "{path}");
         }
-        assert_eq!(
-            kind(get(&format!("/latest/{}", "a".repeat(2000)))),
-            "bad_path"
-        );
+        assert_eq!(kind(get(&format!("/latest/{}", "a".repeat(2000)))), "bad_path");
     }
 
     #[test]
     fn the_token_path_takes_only_put() {
-        assert_eq!(
-            route(&Method::PUT, "/latest/api/token").ok(),
-            Some(Route::Token)
-        );
-        assert_eq!(
-            kind(route(&Method::GET, "/latest/api/token")),
-            "method_not_allowed"
-        );
-        assert_eq!(
-            kind(route(&Method::POST, "/latest/api/token")),
-            "method_not_allowed"
-        );
+        assert_eq!(route(&Method::PUT, "/latest/api/token").ok(), Some(Route::Token));
+        assert_eq!(kind(route(&Method::GET, "/latest/api/token")), "method_not_allowed");
+        assert_eq!(kind(route(&Method::POST, "/latest/api/token")), "method_not_allowed");
         assert_eq!(
             kind(route(&Method::PUT, "/2021-03-23/api/token")),
             "versioned_token_path"
@@ -399,10 +374,7 @@ mod tests {
     #[test]
     fn metadata_paths_take_only_get_and_head() {
         assert_eq!(
-            kind(route(
-                &Method::POST,
-                "/latest/meta-data/iam/security-credentials/"
-            )),
+            kind(route(&Method::POST, "/latest/meta-data/iam/security-credentials/")),
             "method_not_allowed"
         );
         assert_eq!(

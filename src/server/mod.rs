@@ -25,12 +25,8 @@ use response::Body;
 
 /// Serves `handler` on `listener` until `shutdown`, then stops accepting and lets in-flight requests
 /// finish for at most `drain`.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
-    shutdown: CancellationToken,
-    drain: Duration,
-) where
+pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, drain: Duration)
+where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {

@@ -38,10 +38,7 @@ pub enum Failure {
     /// The pod's role annotation is invalid; answered like "no role" so nothing leaks.
     InvalidRole,
     /// The role could not be assumed; the SDK should give up (no credentials).
-    Refused {
-        role: RoleArn,
-        error: credentials::Error,
-    },
+    Refused { role: RoleArn, error: credentials::Error },
     /// STS or the API server failed transiently; the SDK may retry.
     Unavailable,
 }
@@ -67,9 +64,7 @@ impl Failure {
     /// The response EC2 would give.
     pub fn into_response(self) -> Response<Body> {
         match self {
-            Failure::BadPath | Failure::BadTtl => {
-                error_page(StatusCode::BAD_REQUEST, "400 - Bad Request")
-            }
+            Failure::BadPath | Failure::BadTtl => error_page(StatusCode::BAD_REQUEST, "400 - Bad Request"),
             Failure::Forwarded | Failure::VersionedTokenPath => empty(StatusCode::FORBIDDEN),
             Failure::MethodNotAllowed(allow) => {
                 let mut response = empty(StatusCode::METHOD_NOT_ALLOWED);
@@ -78,12 +73,8 @@ impl Failure {
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
                 response
             }
-            Failure::BadToken | Failure::TokenRequired => {
-                error_page(StatusCode::UNAUTHORIZED, "401 - Unauthorized")
-            }
-            Failure::NotFound | Failure::InvalidRole => {
-                error_page(StatusCode::NOT_FOUND, "404 - Not Found")
-            }
+            Failure::BadToken | Failure::TokenRequired => error_page(StatusCode::UNAUTHORIZED, "401 - Unauthorized"),
+            Failure::NotFound | Failure::InvalidRole => error_page(StatusCode::NOT_FOUND, "404 - Not Found"),
             // EC2 answers 200 with a non-Success code when the instance role cannot be assumed; every SDK
             // read treats that as "no credentials" (botocore returns none, Go/Rust/JS error out).
             Failure::Refused { role, error } => {
@@ -101,9 +92,7 @@ impl Failure {
                     ]),
                 )
             }
-            Failure::Unavailable => {
-                error_page(StatusCode::SERVICE_UNAVAILABLE, "503 - Service Unavailable")
-            }
+            Failure::Unavailable => error_page(StatusCode::SERVICE_UNAVAILABLE, "503 - Service Unavailable"),
         }
     }
 }
@@ -122,9 +111,7 @@ fn refusal_code(error: &credentials::Error) -> String {
 /// `YYYY-MM-DDTHH:MM:SSZ` in UTC, the only time format IMDS uses.
 pub fn imds_time(t: OffsetDateTime) -> String {
     t.to_offset(time::UtcOffset::UTC)
-        .format(format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-        ))
+        .format(format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"))
         .expect("every UTC date-time formats")
 }
 
@@ -196,10 +183,9 @@ pub fn text(status: StatusCode, body: String) -> Response<Body> {
 /// The token response: the token, with its TTL echoed (Go and Rust SDKs cannot use a token without it).
 pub fn token(token: String, ttl_seconds: u64) -> Response<Body> {
     let mut response = text(StatusCode::OK, token);
-    response.headers_mut().insert(
-        "x-aws-ec2-metadata-token-ttl-seconds",
-        HeaderValue::from(ttl_seconds),
-    );
+    response
+        .headers_mut()
+        .insert("x-aws-ec2-metadata-token-ttl-seconds", HeaderValue::from(ttl_seconds));
     response
 }
 
@@ -262,8 +248,7 @@ mod tests {
     fn info_names_an_instance_profile_after_the_role() {
         let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/app").unwrap();
         let doc: serde_json::Value =
-            serde_json::from_str(&info_document(&role, datetime!(2020-04-02 18:50:40 UTC)))
-                .unwrap();
+            serde_json::from_str(&info_document(&role, datetime!(2020-04-02 18:50:40 UTC))).unwrap();
         assert_eq!(doc["Code"], "Success");
         assert_eq!(
             doc["InstanceProfileArn"],

@@ -52,8 +52,7 @@ impl Sessions {
     }
 
     fn mac(&self, head: &[u8], ip: IpAddr) -> Hmac<Sha256> {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(head);
         let ip16 = match ip {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
@@ -83,9 +82,7 @@ impl Sessions {
             return Err(Invalid::Malformed);
         }
         let (head, tag) = bytes.split_at(9);
-        self.mac(head, ip)
-            .verify_slice(tag)
-            .map_err(|_| Invalid::WrongCaller)?;
+        self.mac(head, ip).verify_slice(tag).map_err(|_| Invalid::WrongCaller)?;
         let expiry = u64::from_be_bytes(head[1..9].try_into().expect("8 bytes"));
         if now >= expiry {
             return Err(Invalid::Expired);
@@ -100,9 +97,7 @@ pub fn parse_ttl(value: &[u8]) -> Option<u64> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    text.parse::<u64>()
-        .ok()
-        .filter(|t| (1..=MAX_TTL_SECONDS).contains(t))
+    text.parse::<u64>().ok().filter(|t| (1..=MAX_TTL_SECONDS).contains(t))
 }
 
 #[cfg(test)]
@@ -127,14 +122,8 @@ mod tests {
     fn a_token_from_another_ip_is_refused() {
         let s = Sessions::new([7; 32]);
         let t = s.issue(ip("10.0.0.1"), 60, 1_000);
-        assert_eq!(
-            s.verify(&t, ip("10.0.0.2"), 1_001),
-            Err(Invalid::WrongCaller)
-        );
-        assert_eq!(
-            s.verify(&t, ip("fd00::1"), 1_001),
-            Err(Invalid::WrongCaller)
-        );
+        assert_eq!(s.verify(&t, ip("10.0.0.2"), 1_001), Err(Invalid::WrongCaller));
+        assert_eq!(s.verify(&t, ip("fd00::1"), 1_001), Err(Invalid::WrongCaller));
     }
 
     #[test]
@@ -149,14 +138,7 @@ mod tests {
     #[test]
     fn garbage_and_tampered_tokens_are_refused() {
         let s = Sessions::new([7; 32]);
-        for garbage in [
-            "",
-            "x",
-            "AQAEA==",
-            &"A".repeat(56),
-            &"é".repeat(28),
-            &"A".repeat(5000),
-        ] {
+        for garbage in ["", "x", "AQAEA==", &"A".repeat(56), &"é".repeat(28), &"A".repeat(5000)] {
             assert_eq!(
                 s.verify(garbage, ip("10.0.0.1"), 1_000),
                 Err(Invalid::Malformed),
@@ -168,10 +150,7 @@ mod tests {
         let mut bytes = STANDARD.decode(&t).unwrap();
         bytes[8] = bytes[8].wrapping_add(100);
         let forged = STANDARD.encode(bytes);
-        assert_eq!(
-            s.verify(&forged, ip("10.0.0.1"), 1_001),
-            Err(Invalid::WrongCaller)
-        );
+        assert_eq!(s.verify(&forged, ip("10.0.0.1"), 1_001), Err(Invalid::WrongCaller));
     }
 
     #[test]
