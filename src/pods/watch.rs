@@ -72,7 +72,7 @@ impl Watcher {
             watcher::Config::default(),
         )
         .default_backoff()
-        .map_ok(Update::ServiceAccount)
+        .map_ok(|e| Update::ServiceAccount(Box::new(e)))
         .map_err(|e| ("serviceaccounts", e));
         let mut updates = std::pin::pin!(futures::stream::select(pods, accounts));
 
@@ -116,7 +116,7 @@ impl Watcher {
                 }
                 Update::ServiceAccount(event) => {
                     self.count("serviceaccounts", &event);
-                    match event {
+                    match *event {
                         WatchEvent::Init => {
                             sa_buffer.clear();
                             Vec::new()
@@ -165,5 +165,5 @@ impl Watcher {
 
 enum Update {
     Pod(Box<WatchEvent<Pod>>),
-    ServiceAccount(WatchEvent<ServiceAccount>),
+    ServiceAccount(Box<WatchEvent<ServiceAccount>>),
 }
