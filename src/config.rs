@@ -16,10 +16,39 @@ use crate::{credentials, server, sts, token};
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
 #[derive(Debug, Parser)]
 #[command(name = "imds-broker", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    /// A maintenance command; without one, the agent runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: Args,
+}
+
+/// Maintenance commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Manage the iptables rules that capture 169.254.169.254.
+    Iptables {
+        #[command(subcommand)]
+        action: IptablesAction,
+    },
+}
+
+/// What to do with the iptables rules.
+#[derive(Debug, Clone, Copy, clap::Subcommand)]
+pub enum IptablesAction {
+    /// Remove every rule and chain the agent installed (IPv4 and IPv6).
+    Uninstall,
+}
+
+/// Flags of the agent itself.
+#[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Name of the node this agent serves; only pods scheduled here are answered.
+    /// Name of the node this agent serves; only pods scheduled here are answered (required).
     #[arg(long, env = "NODE_NAME")]
-    pub node_name: String,
+    pub node_name: Option<String>,
 
     /// Address of the IMDS endpoint (the target of the 169.254.169.254 DNAT).
     #[arg(long, env = "IMDS_BROKER_LISTEN", default_value = "0.0.0.0:8181")]
@@ -29,9 +58,9 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_METRICS_LISTEN", default_value = "0.0.0.0:9181")]
     pub metrics_listen: SocketAddr,
 
-    /// AWS region whose STS endpoint is used (sts.<region>.amazonaws.com).
+    /// AWS region whose STS endpoint is used, sts.<region>.amazonaws.com (required).
     #[arg(long, env = "AWS_REGION")]
-    pub region: String,
+    pub region: Option<String>,
 
     /// STS endpoint URL overriding the regional one (a VPC endpoint, a proxy, a test double).
     #[arg(long, env = "IMDS_BROKER_STS_ENDPOINT")]
@@ -106,11 +135,11 @@ pub enum Error {
         value: String,
         reason: crate::workload::RoleArnError,
     },
-    #[error("--node-name must not be empty")]
+    #[error("--node-name (or NODE_NAME) is required and must not be empty")]
     NodeName,
     #[error("--session-duration {session:?} must exceed --credential-min-remaining {min:?} by at least a minute")]
     SessionTooShort { session: Duration, min: Duration },
-    #[error("--region must not be empty")]
+    #[error("--region (or AWS_REGION) is required and must not be empty")]
     Region,
 }
 
@@ -131,12 +160,16 @@ pub struct Config {
 impl Args {
     /// Validates the flags into a [`Config`].
     pub fn config(&self) -> Result<Config, Error> {
-        if self.node_name.trim().is_empty() {
-            return Err(Error::NodeName);
-        }
-        if self.region.trim().is_empty() {
-            return Err(Error::Region);
-        }
+        let node_name = self
+            .node_name
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .ok_or(Error::NodeName)?;
+        let region = self
+            .region
+            .clone()
+            .filter(|r| !r.trim().is_empty())
+            .ok_or(Error::Region)?;
         let base = self
             .base_role_arn
             .as_deref()
@@ -165,7 +198,7 @@ impl Args {
             });
         }
         Ok(Config {
-            node_name: self.node_name.clone(),
+            node_name,
             listen: self.listen,
             metrics_listen: self.metrics_listen,
             shutdown_grace: self.shutdown_grace,
@@ -179,7 +212,7 @@ impl Args {
                 expiration_seconds: self.token_expiration,
             },
             sts: sts::Config {
-                region: self.region.clone(),
+                region,
                 endpoint: self.sts_endpoint.clone(),
                 session_duration: session,
             },
@@ -216,7 +249,24 @@ mod tests {
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
         let mut all = vec!["imds-broker", "--node-name", "n1", "--region", "eu-west-1"];
         all.extend_from_slice(extra);
-        Args::try_parse_from(all)
+        Cli::try_parse_from(all).map(|cli| cli.run)
+    }
+
+    #[test]
+    fn the_uninstall_command_needs_no_agent_flags() {
+        let cli = Cli::try_parse_from(["imds-broker", "iptables", "uninstall"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Iptables {
+                action: IptablesAction::Uninstall
+            })
+        ));
+    }
+
+    #[test]
+    fn the_agent_needs_a_node_name() {
+        let cli = Cli::try_parse_from(["imds-broker", "--region", "eu-west-1"]).unwrap();
+        assert!(matches!(cli.run.config(), Err(Error::NodeName)));
     }
 
     #[test]

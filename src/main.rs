@@ -4,14 +4,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use imds_broker::app::App;
-use imds_broker::config::Args;
+use imds_broker::config::{Cli, Command};
 use imds_broker::{shutdown, telemetry};
 
 /// Exit code for a configuration the agent cannot run with (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return maintenance(command);
+    }
+    let args = cli.run;
     let config = match args.config() {
         Ok(config) => config,
         Err(error) => {
@@ -42,6 +46,16 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("imds-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a maintenance command.
+fn maintenance(command: Command) -> ExitCode {
+    match command {
+        Command::Iptables { action } => {
+            eprintln!("imds-broker: iptables {action:?} is not implemented yet");
             ExitCode::FAILURE
         }
     }
