@@ -17,7 +17,7 @@ use crate::pods::Store;
 use crate::server::admin::Admin;
 use crate::server::imds::Imds;
 use crate::server::session::Sessions;
-use crate::{credentials, pods, server, sts, token};
+use crate::{credentials, netfilter, pods, server, sts, token};
 
 /// A built, not yet running agent.
 pub struct App {
@@ -30,6 +30,7 @@ pub struct App {
     imds: Arc<Imds>,
     watcher: pods::watch::Watcher,
     events: mpsc::Receiver<pods::Event>,
+    netfilter: Option<netfilter::Reconciler<netfilter::System>>,
 }
 
 impl App {
@@ -66,6 +67,11 @@ impl App {
             sessions: Sessions::random(),
             metrics: server::imds::Metrics::register(&registry)?,
         });
+        let netfilter = config
+            .netfilter
+            .clone()
+            .map(|c| netfilter::Reconciler::build(c, netfilter::System, &registry))
+            .transpose()?;
         Ok(Self {
             config,
             imds_listener,
@@ -76,6 +82,7 @@ impl App {
             imds,
             watcher,
             events,
+            netfilter,
         })
     }
 
@@ -112,6 +119,9 @@ impl App {
         let background = CancellationToken::new();
         let watch_task = tokio::spawn(self.watcher.run(background.clone()));
         let cache_task = tokio::spawn(self.cache.run(self.events, ready_tx.clone(), background.clone()));
+        // The capture rules are never removed here: while the agent is down pods must be refused, not
+        // reach the node's own metadata service.
+        let netfilter_task = self.netfilter.map(|n| tokio::spawn(n.run(background.clone())));
 
         let imds = self.imds.clone();
         let imds_task = tokio::spawn(server::serve(
@@ -144,6 +154,9 @@ impl App {
         background.cancel();
         watch_task.await.context("pod watch task")?;
         cache_task.await.context("credential cache task")?;
+        if let Some(task) = netfilter_task {
+            task.await.context("iptables reconcile task")?;
+        }
         tracing::info!("imds-broker stopped");
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Command-line flags (each with an environment fallback) and their translation into one typed
 //! `Config` per component. Validation happens here, once; components trust what they receive.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
@@ -10,7 +10,7 @@ use crate::roles::{BaseArn, Resolver};
 use crate::server::imds::Imdsv2;
 use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
-use crate::{credentials, server, sts, token};
+use crate::{credentials, netfilter, server, sts, token};
 
 /// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
@@ -113,6 +113,25 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Install and keep the iptables rules that send pods' 169.254.169.254 to this agent (needs
+    /// CAP_NET_ADMIN). Off by default in the binary; the DaemonSet turns it on.
+    #[arg(long, env = "IMDS_BROKER_IPTABLES")]
+    pub iptables: bool,
+
+    /// Interfaces whose metadata traffic is captured, as iptables patterns: cali+, eni+, veth+, cni0, or
+    /// !eth0 to exclude one (comma-separated or repeated).
+    #[arg(long, env = "IMDS_BROKER_HOST_INTERFACE", value_delimiter = ',')]
+    pub host_interface: Vec<String>,
+
+    /// The node's addresses, where captured traffic is sent (the downward API's status.hostIP, or
+    /// status.hostIPs for dual stack; at most one per family; an IPv6 one adds the fd00:ec2::254 rules).
+    #[arg(long, env = "NODE_IP", value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
+
+    /// How often the iptables rules are checked and put back if deleted or moved.
+    #[arg(long, env = "IMDS_BROKER_IPTABLES_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub iptables_reconcile_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "IMDS_BROKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -141,6 +160,18 @@ pub enum Error {
     SessionTooShort { session: Duration, min: Duration },
     #[error("--region (or AWS_REGION) is required and must not be empty")]
     Region,
+    #[error("--host-interface {value:?}: {reason}")]
+    HostInterface {
+        value: String,
+        #[source]
+        reason: netfilter::InterfaceError,
+    },
+    #[error("--iptables needs at least one --host-interface pattern (e.g. cali+, eni+, !eth0)")]
+    NoHostInterface,
+    #[error("--iptables needs --node-ip (or NODE_IP, from status.hostIP), the address captured traffic is sent to")]
+    NoNodeIp,
+    #[error("--node-ip {ip}: {reason}")]
+    NodeIp { ip: IpAddr, reason: &'static str },
 }
 
 /// Everything the application needs, per component.
@@ -155,6 +186,8 @@ pub struct Config {
     pub token: token::Config,
     pub sts: sts::Config,
     pub credentials: credentials::Config,
+    /// The iptables capture, when `--iptables` is set.
+    pub netfilter: Option<netfilter::Config>,
 }
 
 impl Args {
@@ -197,6 +230,7 @@ impl Args {
                 min: self.credential_min_remaining,
             });
         }
+        let netfilter = self.iptables.then(|| self.netfilter()).transpose()?;
         Ok(Config {
             node_name,
             listen: self.listen,
@@ -221,6 +255,48 @@ impl Args {
                 refresh_check_interval: self.refresh_check_interval,
                 background_concurrency: self.background_concurrency,
             },
+            netfilter,
+        })
+    }
+
+    fn netfilter(&self) -> Result<netfilter::Config, Error> {
+        let interfaces = self
+            .host_interface
+            .iter()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                netfilter::Interface::parse(v).map_err(|reason| Error::HostInterface {
+                    value: v.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if interfaces.is_empty() {
+            return Err(Error::NoHostInterface);
+        }
+        if self.node_ip.is_empty() {
+            return Err(Error::NoNodeIp);
+        }
+        for (i, ip) in self.node_ip.iter().enumerate() {
+            let reason = if ip.is_loopback() {
+                // The kernel drops packets DNATed from PREROUTING to 127/8 unless route_localnet is set.
+                Some("a loopback address cannot receive traffic DNATed from other interfaces")
+            } else if ip.is_unspecified() || ip.is_multicast() {
+                Some("not a unicast address")
+            } else if self.node_ip[..i].iter().any(|other| other.is_ipv4() == ip.is_ipv4()) {
+                Some("only one address per family")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Error::NodeIp { ip: *ip, reason });
+            }
+        }
+        Ok(netfilter::Config {
+            interfaces,
+            node_ips: self.node_ip.clone(),
+            port: self.listen.port(),
+            reconcile_interval: self.iptables_reconcile_interval,
         })
     }
 }
@@ -307,6 +383,53 @@ mod tests {
             .unwrap()
             .config();
         assert!(matches!(err, Err(Error::SessionTooShort { .. })));
+    }
+
+    #[test]
+    fn iptables_is_off_by_default_and_needs_interfaces_and_a_node_ip_when_on() {
+        assert!(args(&[]).unwrap().config().unwrap().netfilter.is_none());
+        assert!(matches!(
+            args(&["--iptables", "--node-ip", "10.0.0.7"]).unwrap().config(),
+            Err(Error::NoHostInterface)
+        ));
+        assert!(matches!(
+            args(&["--iptables", "--host-interface", "cali+"]).unwrap().config(),
+            Err(Error::NoNodeIp)
+        ));
+        let config = args(&[
+            "--iptables",
+            "--host-interface",
+            "cali+,!eth0",
+            "--node-ip",
+            "10.0.0.7,fd00::7",
+            "--listen",
+            "0.0.0.0:8282",
+        ])
+        .unwrap()
+        .config()
+        .unwrap()
+        .netfilter
+        .unwrap();
+        assert_eq!(config.interfaces.len(), 2);
+        assert!(config.interfaces[1].negated);
+        assert_eq!(config.node_ips.len(), 2);
+        assert_eq!(config.port, 8282);
+        assert_eq!(config.reconcile_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn iptables_refuses_loopback_duplicate_family_and_bad_patterns() {
+        let with = |interface: &str, ip: &str| {
+            args(&["--iptables", "--host-interface", interface, "--node-ip", ip])
+                .unwrap()
+                .config()
+        };
+        assert!(matches!(with("cali+", "127.0.0.1"), Err(Error::NodeIp { .. })));
+        assert!(matches!(with("cali+", "10.0.0.1,10.0.0.2"), Err(Error::NodeIp { .. })));
+        assert!(matches!(
+            with("eth0 -j ACCEPT", "10.0.0.1"),
+            Err(Error::HostInterface { .. })
+        ));
     }
 
     #[test]

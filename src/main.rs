@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use imds_broker::app::App;
-use imds_broker::config::{Cli, Command};
-use imds_broker::{shutdown, telemetry};
+use imds_broker::config::{Cli, Command, IptablesAction};
+use imds_broker::{netfilter, shutdown, telemetry};
 
 /// Exit code for a configuration the agent cannot run with (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -54,9 +54,22 @@ fn main() -> ExitCode {
 /// Runs a maintenance command.
 fn maintenance(command: Command) -> ExitCode {
     match command {
-        Command::Iptables { action } => {
-            eprintln!("imds-broker: iptables {action:?} is not implemented yet");
-            ExitCode::FAILURE
-        }
+        Command::Iptables {
+            action: IptablesAction::Uninstall,
+        } => match netfilter::uninstall(&netfilter::System) {
+            Ok(removed) => {
+                println!(
+                    "imds-broker: removed chain {} and {} PREROUTING jump(s) from {:?}",
+                    netfilter::CHAIN,
+                    removed.jumps,
+                    removed.families
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("imds-broker: iptables uninstall failed: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
