@@ -156,7 +156,7 @@ pub enum Error {
     },
     #[error("--node-name (or NODE_NAME) is required and must not be empty")]
     NodeName,
-    #[error("--session-duration {session:?} must exceed --credential-min-remaining {min:?} by at least a minute")]
+    #[error("--session-duration {session:?} must exceed --credential-min-remaining {min:?}")]
     SessionTooShort { session: Duration, min: Duration },
     #[error("--region (or AWS_REGION) is required and must not be empty")]
     Region,
@@ -224,7 +224,7 @@ impl Args {
             })
             .transpose()?;
         let session = Duration::from_secs(self.session_duration);
-        if session < self.credential_min_remaining + Duration::from_secs(60) {
+        if session <= self.credential_min_remaining {
             return Err(Error::SessionTooShort {
                 session,
                 min: self.credential_min_remaining,

@@ -67,8 +67,11 @@ impl Error {
     }
 }
 
-/// Error codes that say "try again later" even on a 4xx status.
+/// Error codes that say "try again later" even on a 4xx status. An expired token is one of them: the
+/// next attempt mints a fresh token.
 const TRANSIENT_CODES: &[&str] = &[
+    "ExpiredTokenException",
+    "ExpiredToken",
     "IDPCommunicationError",
     "Throttling",
     "ThrottlingException",

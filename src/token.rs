@@ -11,6 +11,9 @@ use kube::api::PostParams;
 
 use crate::workload::{Secret, Workload};
 
+/// The longest a TokenRequest may take, retries included.
+const MINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// TokenRequest settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -81,9 +84,16 @@ impl Minter {
             }),
             ..Default::default()
         };
-        let answer = api
-            .create_token_request(&workload.service_account, &PostParams::default(), &request)
+        // kube-client retries 429/503/504 with backoff for minutes; a pod's SDK gives up after a second,
+        // so bound the whole exchange and let the next request try again.
+        let params = PostParams::default();
+        let call = api.create_token_request(&workload.service_account, &params, &request);
+        let answer = tokio::time::timeout(MINT_TIMEOUT, call)
             .await
+            .map_err(|_| Error::Unavailable {
+                service_account: service_account.clone(),
+                message: format!("no answer within {MINT_TIMEOUT:?}"),
+            })?
             .map_err(|error| match error {
                 kube::Error::Api(status) if (400..500).contains(&status.code) => Error::Refused {
                     service_account: service_account.clone(),

@@ -1,0 +1,51 @@
+//! The admin endpoint: probes and metrics.
+
+use http::StatusCode;
+
+use crate::support::Cluster;
+use crate::support::agent::send;
+use crate::support::fixtures::{pod, role};
+
+#[tokio::test]
+async fn health_readiness_and_metrics_are_served() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", "127.0.0.50").role("app"));
+    let agent = cluster.agent(&[]).await;
+    let local = "127.0.0.1".parse().unwrap();
+    assert_eq!(
+        send(agent.admin, local, http::Method::GET, "/healthz", &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(agent.admin, local, http::Method::GET, "/readyz", &[]).await.status,
+        StatusCode::OK
+    );
+    agent
+        .from("127.0.0.50")
+        .get("/latest/meta-data/iam/security-credentials/app", &[])
+        .await;
+    let metrics = agent.metrics().await;
+    for series in [
+        "imds_broker_build_info",
+        "imds_broker_pods_indexed 1",
+        "imds_broker_imds_requests_total{code=\"200\",outcome=\"ok\",route=\"credentials\"} 1",
+        "imds_broker_credentials_fetches_total{cause=\"prefetch\",outcome=\"ok\"} 1",
+        "imds_broker_imds_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("apps/p") && !metrics.contains("arn:aws"),
+        "no pod names or ARNs in labels"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_stops_cleanly_on_shutdown() {
+    let cluster = Cluster::start().await;
+    let agent = cluster.agent(&[]).await;
+    agent.stop().await;
+}

@@ -1,0 +1,558 @@
+//! The doubles, proven against the real clients: kube-runtime's watcher and `kube::Api` against
+//! [`FakeKube`], aws-sdk-sts against [`FakeSts`], and the JWTs between them.
+//!
+//! If these fail, every other integration test is suspect: they show the doubles speak the wire
+//! protocol the product's clients expect (list-then-watch, 410 relists, bookmarks, pagination,
+//! TokenRequest, the STS query protocol and its errors).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_sdk_sts::config::Region;
+use aws_sdk_sts::error::ProvideErrorMetadata;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::runtime::watcher::{self, Event};
+use serde_json::json;
+
+use crate::support::jwt::{self, Claims, Signer};
+use crate::support::kube::{self as fake, FakeKube};
+use crate::support::sts::FakeSts;
+
+const LIMIT: Duration = Duration::from_secs(20);
+const ROLE: &str = "arn:aws:iam::123456789012:role/app-role";
+const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/other-role";
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f).await.expect("test step timed out")
+}
+
+async fn next<S, T>(stream: &mut S) -> T
+where
+    S: Stream<Item = T> + Unpin,
+{
+    bounded(stream.next()).await.expect("stream ended")
+}
+
+fn name<K: kube::Resource>(k: &K) -> String {
+    k.meta().name.clone().unwrap_or_default()
+}
+
+type PodEvents = tokio::sync::mpsc::UnboundedReceiver<Result<Event<Pod>, watcher::Error>>;
+
+/// Runs a watcher in its own task (as the product does), so it keeps polling while the test waits.
+fn watch_pods(kube: &FakeKube, config: watcher::Config) -> PodEvents {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut stream = watcher::watcher(Api::<Pod>::all(kube.client()), config).boxed();
+    tokio::spawn(async move {
+        while let Some(event) = stream.next().await {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_event(events: &mut PodEvents) -> Result<Event<Pod>, watcher::Error> {
+    bounded(events.recv()).await.expect("watcher ended")
+}
+
+/// Reads watcher events up to `InitDone` and returns the names of the objects listed.
+async fn initial_list(events: &mut PodEvents) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        match next_event(events).await {
+            Ok(Event::Init) => names.clear(),
+            Ok(Event::InitApply(pod)) => names.push(name(&pod)),
+            Ok(Event::InitDone) => return names,
+            Ok(other) => panic!("unexpected event before InitDone: {other:?}"),
+            Err(error) => panic!("watch error before InitDone: {error}"),
+        }
+    }
+}
+
+fn sts_client(sts: &FakeSts) -> aws_sdk_sts::Client {
+    let config = aws_sdk_sts::Config::builder()
+        .behavior_version_latest()
+        .region(Region::new("us-east-1"))
+        .endpoint_url(sts.url())
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .retry_config(
+            aws_sdk_sts::config::retry::RetryConfig::standard()
+                .with_max_attempts(3)
+                .with_initial_backoff(Duration::from_millis(5)),
+        )
+        .build();
+    aws_sdk_sts::Client::from_conf(config)
+}
+
+async fn assume(
+    sts: &aws_sdk_sts::Client,
+    role: &str,
+    token: &str,
+) -> Result<aws_sdk_sts::types::Credentials, (String, String)> {
+    sts.assume_role_with_web_identity()
+        .role_arn(role)
+        .role_session_name("default.app-1")
+        .web_identity_token(token)
+        .duration_seconds(900)
+        .send()
+        .await
+        .map(|out| out.credentials.expect("credentials"))
+        .map_err(|e| {
+            let e = e.into_service_error();
+            (e.code().unwrap_or("?").to_owned(), e.message().unwrap_or("").to_owned())
+        })
+}
+
+/// A service account `default/app` and a pod `default/app-1` running as it on `node-1`.
+fn seed_app(kube: &FakeKube) -> (String, String) {
+    kube.upsert_service_account(fake::service_account("default", "app").role_arn(ROLE));
+    let pod = kube.upsert_pod(fake::pod("default", "app-1").service_account("app").ip("10.0.0.11"));
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_owned();
+    ("app-1".to_owned(), uid)
+}
+
+async fn mint(kube: &FakeKube, sa: &str, pod: &str, uid: &str, audience: &str) -> Result<String, kube::Error> {
+    let api: Api<ServiceAccount> = Api::namespaced(kube.client(), "default");
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_owned()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.into()),
+                uid: Some(uid.into()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = bounded(api.create_token_request(sa, &PostParams::default(), &request)).await?;
+    Ok(answer.status.and_then(|s| s.token).expect("token"))
+}
+
+#[tokio::test]
+async fn watcher_follows_its_node_and_relists_after_compaction() {
+    let kube = FakeKube::start().await;
+    kube.upsert_pod(fake::pod("default", "a").node(Some("node-1")).ip("10.0.0.1"));
+    kube.upsert_pod(fake::pod("default", "elsewhere").node(Some("node-2")).ip("10.0.0.2"));
+    let mut events = watch_pods(&kube, watcher::Config::default().fields("spec.nodeName=node-1"));
+
+    assert_eq!(initial_list(&mut events).await, vec!["a"]);
+    bounded(kube.wait_for_watches(1)).await;
+
+    kube.upsert_pod(fake::pod("kube-system", "b").node(Some("node-1")).ip("10.0.0.3"));
+    match next_event(&mut events).await {
+        Ok(Event::Apply(pod)) => assert_eq!(name(&pod), "b"),
+        other => panic!("expected Apply(b), got {other:?}"),
+    }
+    // A pod on another node is invisible; a pod moving away is DELETED for this selector.
+    kube.upsert_pod(fake::pod("default", "c").node(Some("node-2")));
+    let mut moved = kube.get_pod("default", "a").unwrap();
+    moved["spec"]["nodeName"] = json!("node-2");
+    kube.upsert_pod(moved);
+    match next_event(&mut events).await {
+        Ok(Event::Delete(pod)) => assert_eq!(name(&pod), "a"),
+        other => panic!("expected Delete(a), got {other:?}"),
+    }
+    kube.delete_pod("kube-system", "b");
+    match next_event(&mut events).await {
+        Ok(Event::Delete(pod)) => assert_eq!(name(&pod), "b"),
+        other => panic!("expected Delete(b), got {other:?}"),
+    }
+
+    // Compaction plus a dropped stream: the resume gets 410 Expired and the watcher relists.
+    kube.upsert_pod(fake::pod("default", "d").node(Some("node-1")));
+    match next_event(&mut events).await {
+        Ok(Event::Apply(pod)) => assert_eq!(name(&pod), "d"),
+        other => panic!("expected Apply(d), got {other:?}"),
+    }
+    let lists_before = kube.request_log().iter().filter(|r| !r.contains("watch=true")).count();
+    kube.compact();
+    kube.break_watches();
+    match next_event(&mut events).await {
+        Err(watcher::Error::WatchError(status)) => {
+            assert_eq!(status.code, 410);
+            assert_eq!(status.reason, "Expired");
+        }
+        other => panic!("expected a 410 watch error, got {other:?}"),
+    }
+    assert_eq!(initial_list(&mut events).await, vec!["d"]);
+    let lists_after = kube.request_log().iter().filter(|r| !r.contains("watch=true")).count();
+    assert_eq!(lists_after, lists_before + 1, "exactly one relist");
+
+    // And it keeps watching after the relist.
+    bounded(kube.wait_for_watches(1)).await;
+    kube.upsert_pod(fake::pod("default", "e").node(Some("node-1")));
+    match next_event(&mut events).await {
+        Ok(Event::Apply(pod)) => assert_eq!(name(&pod), "e"),
+        other => panic!("expected Apply(e), got {other:?}"),
+    }
+    // A plain break (no compaction) resumes from the last resourceVersion without a relist.
+    kube.break_watches();
+    bounded(kube.wait_for_watches(1)).await;
+    kube.delete_pod("default", "e");
+    match next_event(&mut events).await {
+        Ok(Event::Delete(pod)) => assert_eq!(name(&pod), "e"),
+        other => panic!("expected Delete(e), got {other:?}"),
+    }
+    let lists_final = kube.request_log().iter().filter(|r| !r.contains("watch=true")).count();
+    assert_eq!(lists_final, lists_after, "no relist after a clean break");
+    assert!(kube.request_count() >= 5);
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_gets_initial_events_and_the_end_bookmark() {
+    let kube = FakeKube::start().await;
+    kube.upsert_pod(fake::pod("default", "a").node(Some("node-1")));
+    let mut events = watch_pods(
+        &kube,
+        watcher::Config::default()
+            .fields("spec.nodeName=node-1")
+            .streaming_lists(),
+    );
+    assert_eq!(initial_list(&mut events).await, vec!["a"]);
+    kube.upsert_pod(fake::pod("default", "b").node(Some("node-1")));
+    match next_event(&mut events).await {
+        Ok(Event::Apply(pod)) => assert_eq!(name(&pod), "b"),
+        other => panic!("expected Apply(b), got {other:?}"),
+    }
+    assert!(kube.request_log().iter().any(|r| r.contains("sendInitialEvents=true")));
+}
+
+#[tokio::test]
+async fn raw_watch_sends_bookmarks_when_filtered_changes_move_the_version() {
+    let kube = FakeKube::start().await;
+    kube.set_bookmark_interval(Duration::from_millis(20));
+    let api: Api<Pod> = Api::all(kube.client());
+    let list = bounded(api.list(&ListParams::default().fields("spec.nodeName=node-1")))
+        .await
+        .unwrap();
+    let rv = list.metadata.resource_version.unwrap();
+    let params = WatchParams::default().fields("spec.nodeName=node-1").timeout(60);
+    let mut stream = bounded(api.watch(&params, &rv)).await.unwrap().boxed();
+    bounded(kube.wait_for_watches(1)).await;
+    let other = kube.upsert_pod(fake::pod("default", "x").node(Some("node-2")));
+    let want = other["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+    match next(&mut stream).await {
+        Ok(WatchEvent::Bookmark(bookmark)) => assert_eq!(bookmark.metadata.resource_version, want),
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn lists_paginate_and_rest_calls_behave_like_the_api_server() {
+    let kube = FakeKube::start().await;
+    for i in 0..5 {
+        kube.upsert_pod(fake::pod("default", &format!("p{i}")).node(Some("node-1")));
+    }
+    let pods: Api<Pod> = Api::namespaced(kube.client(), "default");
+    let first = bounded(pods.list(&ListParams::default().limit(2))).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    let token = first.metadata.continue_.clone().expect("continue token");
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    // A write between pages does not change the snapshot.
+    kube.upsert_pod(fake::pod("default", "p9").node(Some("node-1")));
+    let second = bounded(pods.list(&ListParams::default().limit(10).continue_token(&token)))
+        .await
+        .unwrap();
+    assert_eq!(second.items.len(), 3);
+    assert!(second.metadata.continue_.is_none());
+    assert_eq!(second.metadata.resource_version, first.metadata.resource_version);
+
+    // Create, conflict, get, replace, delete, not found.
+    let accounts: Api<ServiceAccount> = Api::namespaced(kube.client(), "team");
+    let mut sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "svc"}})).unwrap();
+    let created = bounded(accounts.create(&PostParams::default(), &sa)).await.unwrap();
+    assert!(created.metadata.uid.is_some());
+    let again = bounded(accounts.create(&PostParams::default(), &sa)).await.unwrap_err();
+    assert!(
+        matches!(again, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{again}"
+    );
+    sa = bounded(accounts.get("svc")).await.unwrap();
+    sa.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(fake::SA_ROLE_ANNOTATION.into(), ROLE.into());
+    let replaced = bounded(accounts.replace("svc", &PostParams::default(), &sa))
+        .await
+        .unwrap();
+    assert_ne!(replaced.metadata.resource_version, sa.metadata.resource_version);
+    assert_eq!(replaced.metadata.uid, created.metadata.uid);
+    let stale = bounded(accounts.replace("svc", &PostParams::default(), &sa))
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, kube::Error::Api(ref s) if s.code == 409), "{stale}");
+    bounded(accounts.delete("svc", &DeleteParams::default())).await.unwrap();
+    let gone = bounded(accounts.get("svc")).await.unwrap_err();
+    assert!(
+        matches!(gone, kube::Error::Api(ref s) if s.code == 404 && s.reason == "NotFound"),
+        "{gone}"
+    );
+    // Label selectors, and the status subresource.
+    kube.upsert_pod(fake::pod("default", "web").label("app", "web"));
+    let count = |selector: &'static str| {
+        let pods = pods.clone();
+        async move {
+            bounded(pods.list(&ListParams::default().labels(selector)))
+                .await
+                .unwrap()
+                .items
+                .len()
+        }
+    };
+    assert_eq!(count("app=web").await, 1);
+    assert_eq!(count("app in (web,api)").await, 1);
+    assert_eq!(count("app!=web").await, 6);
+    assert_eq!(count("!app").await, 6);
+    let patch = kube::api::Patch::Merge(json!({"status": {"phase": "Succeeded"}}));
+    let patched = bounded(pods.patch_status("web", &Default::default(), &patch))
+        .await
+        .unwrap();
+    assert_eq!(patched.status.unwrap().phase.as_deref(), Some("Succeeded"));
+    assert_eq!(patched.metadata.labels.unwrap()["app"], "web");
+    let bad = bounded(pods.list(&ListParams::default().fields("spec.nope=x")))
+        .await
+        .unwrap_err();
+    assert!(matches!(bad, kube::Error::Api(ref s) if s.code == 400), "{bad}");
+}
+
+#[tokio::test]
+async fn kubeconfig_and_discovery_documents_work() {
+    let kube = FakeKube::start().await;
+    seed_app(&kube);
+    let path: PathBuf = std::env::temp_dir().join(format!("doubles-kubeconfig-{}.yaml", jwt::random_uid()));
+    std::fs::write(&path, kube.kubeconfig_yaml()).unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let config = bounded(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()))
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    assert_eq!(bounded(pods.list(&ListParams::default())).await.unwrap().items.len(), 1);
+
+    let jwks = bounded(client.request_text(http::Request::get("/openid/v1/jwks").body(vec![]).unwrap()))
+        .await
+        .unwrap();
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    assert_eq!(jwks["keys"][0]["kid"], kube.signer().kid());
+    let discovery = bounded(
+        client.request_text(
+            http::Request::get("/.well-known/openid-configuration")
+                .body(vec![])
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    let discovery: serde_json::Value = serde_json::from_str(&discovery).unwrap();
+    assert_eq!(discovery["issuer"], kube.issuer());
+    let unknown = bounded(client.request_text(http::Request::get("/apis/nope/v1/things").body(vec![]).unwrap()))
+        .await
+        .unwrap_err();
+    assert!(matches!(unknown, kube::Error::Api(ref s) if s.code == 404), "{unknown}");
+}
+
+#[tokio::test]
+async fn token_request_mints_a_pod_bound_token_that_sts_exchanges() {
+    let kube = FakeKube::start().await;
+    let (pod, uid) = seed_app(&kube);
+    let token = mint(&kube, "app", &pod, &uid, jwt::STS_AUDIENCE).await.unwrap();
+
+    let claims = kube.verifier().verify(&token, jwt::STS_AUDIENCE).unwrap();
+    assert_eq!(claims.sub, "system:serviceaccount:default:app");
+    assert_eq!(claims.iss, jwt::DEFAULT_ISSUER);
+    assert_eq!(claims.exp - claims.iat, 3600);
+    assert_eq!(claims.pod().unwrap().uid, uid);
+    assert_eq!(claims.kubernetes.node.as_ref().unwrap().name, "node-1");
+    let records = kube.token_requests();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].pod_uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(records[0].audiences, vec![jwt::STS_AUDIENCE]);
+    assert_eq!(records[0].status, 201);
+
+    let sts = FakeSts::start(&kube.jwks(), &kube.issuer()).await;
+    sts.trust(ROLE, &claims.sub);
+    let client = sts_client(&sts);
+    let credentials = bounded(assume(&client, ROLE, &token)).await.unwrap();
+    assert!(credentials.access_key_id.starts_with("ASIA"));
+    assert_eq!(credentials.access_key_id.len(), 20);
+    assert!(!credentials.secret_access_key.is_empty() && !credentials.session_token.is_empty());
+    let lifetime = credentials.expiration.secs() - jwt::now_unix();
+    assert!((890..=900).contains(&lifetime), "expires in {lifetime}s");
+    let who = sts.whois(&credentials.access_key_id).expect("issued");
+    assert_eq!(who.pod_name.as_deref(), Some("app-1"));
+    assert_eq!(who.pod_uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(who.role_arn, ROLE);
+    assert_eq!(who.duration_seconds, 900);
+    assert_eq!(sts.calls(), 1);
+    assert_eq!(sts.calls_for(ROLE), 1);
+
+    // A second exchange gets a different key.
+    let again = bounded(assume(&client, ROLE, &token)).await.unwrap();
+    assert_ne!(again.access_key_id, credentials.access_key_id);
+    // The same subject is not trusted for another role.
+    let denied = bounded(assume(&client, OTHER_ROLE, &token)).await.unwrap_err();
+    assert_eq!(denied.0, "AccessDenied");
+    assert_eq!(sts.calls_for(OTHER_ROLE), 1);
+    sts.trust_any(OTHER_ROLE);
+    bounded(assume(&client, OTHER_ROLE, &token)).await.unwrap();
+}
+
+#[tokio::test]
+async fn token_request_refuses_like_the_api_server() {
+    let kube = FakeKube::start().await;
+    let (pod, uid) = seed_app(&kube);
+    kube.upsert_service_account(fake::service_account("default", "other"));
+    let code = |r: Result<String, kube::Error>| match r {
+        Err(kube::Error::Api(status)) => (status.code, status.reason),
+        other => panic!("expected an API error, got {:?}", other.map(|_| "a token")),
+    };
+    assert_eq!(
+        code(mint(&kube, "missing", &pod, &uid, "a").await),
+        (404, "NotFound".into())
+    );
+    assert_eq!(
+        code(mint(&kube, "app", "no-such-pod", &uid, "a").await),
+        (404, "NotFound".into())
+    );
+    assert_eq!(
+        code(mint(&kube, "app", &pod, "0000", "a").await),
+        (409, "Conflict".into())
+    );
+    assert_eq!(
+        code(mint(&kube, "other", &pod, &uid, "a").await),
+        (400, "BadRequest".into())
+    );
+    // Not 429/503/504: kube-client retries those up to 15 times with exponential backoff.
+    kube.set_token_failure(Some(500));
+    assert_eq!(
+        code(mint(&kube, "app", &pod, &uid, "a").await),
+        (500, "InternalError".into())
+    );
+    kube.set_token_failure(Some(403));
+    assert_eq!(
+        code(mint(&kube, "app", &pod, &uid, "a").await),
+        (403, "Forbidden".into())
+    );
+    kube.set_token_failure(None);
+    mint(&kube, "app", &pod, &uid, "a").await.unwrap();
+    // A deleted and recreated pod has a new UID: the old binding is refused.
+    kube.delete_pod("default", &pod);
+    kube.upsert_pod(fake::pod("default", &pod).service_account("app"));
+    assert_eq!(code(mint(&kube, "app", &pod, &uid, "a").await).0, 409);
+    assert!(kube.token_request_count() >= 7);
+}
+
+#[tokio::test]
+async fn sts_rejects_bad_tokens_with_the_real_error_codes() {
+    let kube = FakeKube::start().await;
+    let (pod, uid) = seed_app(&kube);
+    let sts = FakeSts::start(&kube.jwks(), &kube.issuer()).await;
+    sts.trust_any(ROLE);
+    let client = sts_client(&sts);
+    let token = mint(&kube, "app", &pod, &uid, jwt::STS_AUDIENCE).await.unwrap();
+
+    let tampered = jwt::tamper_payload(&token, |claims| {
+        claims["sub"] = json!("system:serviceaccount:kube-system:admin");
+    });
+    assert_eq!(
+        bounded(assume(&client, ROLE, &tampered)).await.unwrap_err().0,
+        "InvalidIdentityToken"
+    );
+
+    let foreign = Signer::other_key().sign(&jwt::claims_unverified(&token));
+    assert_eq!(
+        bounded(assume(&client, ROLE, &foreign)).await.unwrap_err().0,
+        "InvalidIdentityToken"
+    );
+
+    let wrong_audience = mint(&kube, "app", &pod, &uid, "vault").await.unwrap();
+    let (code, message) = bounded(assume(&client, ROLE, &wrong_audience)).await.unwrap_err();
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("InvalidIdentityToken", "Incorrect token audience")
+    );
+    sts.set_audience("vault");
+    bounded(assume(&client, ROLE, &wrong_audience)).await.unwrap();
+    sts.set_audience(jwt::STS_AUDIENCE);
+
+    let mut expired = jwt::claims_unverified(&token);
+    expired.exp = jwt::now_unix() - 1;
+    let expired = Signer::test_key().sign(&expired);
+    assert_eq!(
+        bounded(assume(&client, ROLE, &expired)).await.unwrap_err().0,
+        "ExpiredTokenException"
+    );
+
+    let wrong_issuer = Claims {
+        iss: "https://elsewhere".into(),
+        ..jwt::claims_unverified(&token)
+    };
+    let wrong_issuer = Signer::test_key().sign(&wrong_issuer);
+    assert_eq!(
+        bounded(assume(&client, ROLE, &wrong_issuer)).await.unwrap_err().0,
+        "InvalidIdentityToken"
+    );
+
+    let none_alg = Signer::test_key().sign_value(
+        &json!({"alg": "none"}),
+        &serde_json::to_value(jwt::claims_unverified(&token)).unwrap(),
+    );
+    assert_eq!(
+        bounded(assume(&client, ROLE, &none_alg)).await.unwrap_err().0,
+        "InvalidIdentityToken"
+    );
+
+    let bad_session = client
+        .assume_role_with_web_identity()
+        .role_arn(ROLE)
+        .role_session_name("has spaces")
+        .web_identity_token(&token)
+        .send();
+    let error = bounded(bad_session).await.unwrap_err().into_service_error();
+    assert_eq!(error.code(), Some("ValidationError"));
+    assert!(sts.issued().len() == 1, "only the audience-adjusted call succeeded");
+}
+
+#[tokio::test]
+async fn sts_injects_failures_and_latency() {
+    let kube = FakeKube::start().await;
+    let (pod, uid) = seed_app(&kube);
+    let sts = FakeSts::start(&kube.jwks(), &kube.issuer()).await;
+    sts.trust_all(true);
+    let client = sts_client(&sts);
+    let token = mint(&kube, "app", &pod, &uid, jwt::STS_AUDIENCE).await.unwrap();
+
+    sts.fail_next_with(403, "AccessDenied");
+    assert_eq!(
+        bounded(assume(&client, ROLE, &token)).await.unwrap_err().0,
+        "AccessDenied"
+    );
+    bounded(assume(&client, ROLE, &token)).await.unwrap();
+
+    // 503 is retried by the SDK: three attempts, all answered 503.
+    let before = sts.calls();
+    sts.set_failure(Some((503, "ServiceUnavailable")));
+    assert_eq!(
+        bounded(assume(&client, ROLE, &token)).await.unwrap_err().0,
+        "ServiceUnavailable"
+    );
+    assert_eq!(sts.calls() - before, 3);
+    sts.set_failure(None);
+
+    sts.set_latency(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    bounded(assume(&client, ROLE, &token)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    let log = sts.call_log();
+    assert_eq!(log.iter().filter(|c| c.outcome == "OK").count(), 2);
+    assert_eq!(log.iter().filter(|c| c.status == 503).count(), 3);
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one test binary so kube and the AWS SDK link once.
+//! `support/` holds the wire-level doubles and the agent harness; each other module is a topic that
+//! reads as a specification.
+
+mod support;
+
+mod admin;
+mod doubles_selftest;
+mod moto;
+mod refusals;
+mod serving;

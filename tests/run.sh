@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs every test of imds-broker, from a fresh machine: installs what the suite needs, builds once in
+# the dev profile, then runs formatting and lint checks, unit and integration tests (cargo-nextest),
+# the end-to-end suite (network namespaces + iptables + real SDKs; needs root) and the benchmark smoke
+# run. Exits non-zero on the first failure.
+#
+#   sudo ./tests/run.sh            # everything
+#   SKIP_E2E=1 ./tests/run.sh      # without the root-only end-to-end suite (for quick local runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+missing=()
+for pair in iptables:iptables conntrack:conntrack ip:iproute2 curl:curl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then echo "need root to install: ${missing[*]}" >&2; exit 1; fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+step "python virtualenv (boto3, moto[server], pytest)"
+if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requirements 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+  cp tests/requirements.txt .venv/.requirements
+fi
+export IMDS_BROKER_TEST_PYTHON="$root/.venv/bin/python"
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+step "build (dev profile, once: binary, examples, tests)"
+cargo build --locked --bins --examples
+cargo nextest run --locked --no-run
+
+step "unit and integration tests"
+cargo nextest run --locked --no-fail-fast
+
+if [ -z "${SKIP_E2E:-}" ] && [ -x tests/e2e/run.sh ]; then
+  step "end-to-end suite (network namespaces, iptables, real SDKs)"
+  tests/e2e/run.sh
+fi
+
+if [ -x bench/smoke.sh ]; then
+  step "benchmark smoke run"
+  bench/smoke.sh
+fi
+
+step "all tests passed"

@@ -1,0 +1,707 @@
+//! A wire-level double of AWS STS `AssumeRoleWithWebIdentity` (query protocol, XML answers).
+//!
+//! Owns [`FakeSts`]: a plain HTTP/1.1 server on loopback that takes the form-encoded request
+//! aws-sdk-sts (and botocore, the JS SDK) send to `POST /`, verifies the web identity token (RS256
+//! signature against the Kubernetes double's JWKS, `exp`/`nbf` with no leeway, `iss`, `aud` containing
+//! the configured audience), checks a trust map of role ARN → allowed `sub`, and answers with the real
+//! `AssumeRoleWithWebIdentityResponse` or STS `ErrorResponse` XML, status codes and `x-amzn-RequestId`.
+//!
+//! It records every call and every credential it issued together with the pod the token was bound to,
+//! so a test can prove which pod a credential was minted for ([`FakeSts::whois`]). Latency and failures
+//! can be injected. `/_double/...` endpoints expose the same controls over HTTP for scripts (see
+//! [`FakeSts`]). Tokens and secrets are never logged.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::jwt::{self, Verifier, VerifyError};
+
+/// The STS XML namespace.
+const XMLNS: &str = "https://sts.amazonaws.com/doc/2011-06-15/";
+
+/// One credential the double issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Issued {
+    /// `ASIA…`
+    pub access_key_id: String,
+    /// The role assumed.
+    pub role_arn: String,
+    /// `RoleSessionName`.
+    pub session_name: String,
+    /// Effective `DurationSeconds`.
+    pub duration_seconds: i64,
+    /// Expiration, RFC 3339.
+    pub expiration: String,
+    /// The token's `sub`.
+    pub sub: String,
+    /// The token's `kubernetes.io.namespace`.
+    pub namespace: String,
+    /// The token's `kubernetes.io.serviceaccount.name`.
+    pub service_account: String,
+    /// The token's `kubernetes.io.pod.name`.
+    pub pod_name: Option<String>,
+    /// The token's `kubernetes.io.pod.uid`.
+    pub pod_uid: Option<String>,
+}
+
+/// One `AssumeRoleWithWebIdentity` call and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Call {
+    /// `RoleArn`, if sent.
+    pub role_arn: Option<String>,
+    /// `RoleSessionName`, if sent.
+    pub session_name: Option<String>,
+    /// HTTP status answered.
+    pub status: u16,
+    /// `"OK"` or the error code answered.
+    pub outcome: String,
+}
+
+struct StsState {
+    audience: String,
+    trusted: HashSet<(String, String)>,
+    trusted_any: HashSet<String>,
+    trust_all: bool,
+    latency: Duration,
+    failure: Option<(u16, String)>,
+    fail_next: VecDeque<(u16, String)>,
+    max_session_duration: i64,
+    calls: Vec<Call>,
+    issued: Vec<Issued>,
+    by_key: HashMap<String, usize>,
+}
+
+struct StsShared {
+    verifier: Verifier,
+    state: Mutex<StsState>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl StsShared {
+    fn lock(&self) -> MutexGuard<'_, StsState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The STS double. Dropping it stops the server.
+///
+/// Control endpoints (for scripts): `POST /_double/trust` `{"role_arn": ..., "sub": ...}` (no `sub`:
+/// any subject); `POST /_double/trust-all` `{"enabled": true}`; `GET /_double/calls` →
+/// `{"calls": n, "issued": [...], "log": [...]}`; `GET /_double/whois?access_key_id=ASIA…`;
+/// `POST /_double/failure` `{"status": 503, "code": "ServiceUnavailable", "once": false}` or `null`;
+/// `POST /_double/latency` `{"ms": 250}`; `POST /_double/audience` `{"audience": "..."}`.
+pub struct FakeSts {
+    shared: Arc<StsShared>,
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for FakeSts {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = self.shared.shutdown.send(true);
+    }
+}
+
+impl FakeSts {
+    /// Starts on `127.0.0.1:0`, trusting tokens signed by a key in `jwks` with issuer `issuer`
+    /// (e.g. `FakeSts::start(&kube.jwks(), &kube.issuer())`). Panics if it cannot bind.
+    pub async fn start(jwks: &Value, issuer: &str) -> Self {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), jwks, issuer)
+            .await
+            .expect("bind the STS double")
+    }
+
+    /// Starts on `addr` (use a loopback address).
+    pub async fn start_on(addr: SocketAddr, jwks: &Value, issuer: &str) -> std::io::Result<Self> {
+        let verifier = Verifier::from_jwks(jwks, issuer).map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(StsShared {
+            verifier,
+            state: Mutex::new(StsState {
+                audience: jwt::STS_AUDIENCE.to_owned(),
+                trusted: HashSet::new(),
+                trusted_any: HashSet::new(),
+                trust_all: false,
+                latency: Duration::ZERO,
+                failure: None,
+                fail_next: VecDeque::new(),
+                max_session_duration: 43_200,
+                calls: Vec::new(),
+                issued: Vec::new(),
+                by_key: HashMap::new(),
+            }),
+            shutdown: watch::Sender::new(false),
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(Self { shared, addr, accept })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Lets `sub` (`system:serviceaccount:<ns>:<sa>`) assume `role_arn`.
+    pub fn trust(&self, role_arn: &str, sub: &str) {
+        self.shared.lock().trusted.insert((role_arn.to_owned(), sub.to_owned()));
+    }
+
+    /// Lets any valid token assume `role_arn`.
+    pub fn trust_any(&self, role_arn: &str) {
+        self.shared.lock().trusted_any.insert(role_arn.to_owned());
+    }
+
+    /// Lets any valid token assume any role (or stops doing so).
+    pub fn trust_all(&self, enabled: bool) {
+        self.shared.lock().trust_all = enabled;
+    }
+
+    /// Removes every trust rule for `role_arn`.
+    pub fn distrust(&self, role_arn: &str) {
+        let mut st = self.shared.lock();
+        st.trusted.retain(|(r, _)| r != role_arn);
+        st.trusted_any.remove(role_arn);
+    }
+
+    /// The audience tokens must contain (default `sts.amazonaws.com`).
+    pub fn set_audience(&self, audience: &str) {
+        self.shared.lock().audience = audience.to_owned();
+    }
+
+    /// The largest `DurationSeconds` accepted (default 43200; real roles default to 3600).
+    pub fn set_max_session_duration(&self, seconds: i64) {
+        self.shared.lock().max_session_duration = seconds;
+    }
+
+    /// Delay added before answering each `AssumeRoleWithWebIdentity`.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.lock().latency = latency;
+    }
+
+    /// Answers the next call with `status` and error `code` (queued; one call each).
+    pub fn fail_next_with(&self, status: u16, code: &str) {
+        self.shared.lock().fail_next.push_back((status, code.to_owned()));
+    }
+
+    /// Answers every call with `(status, code)` until set back to `None`.
+    pub fn set_failure(&self, failure: Option<(u16, &str)>) {
+        self.shared.lock().failure = failure.map(|(s, c)| (s, c.to_owned()));
+    }
+
+    /// `AssumeRoleWithWebIdentity` calls received (including failed and retried ones).
+    pub fn calls(&self) -> usize {
+        self.shared.lock().calls.len()
+    }
+
+    /// Calls received for `role_arn`.
+    pub fn calls_for(&self, role_arn: &str) -> usize {
+        self.shared
+            .lock()
+            .calls
+            .iter()
+            .filter(|c| c.role_arn.as_deref() == Some(role_arn))
+            .count()
+    }
+
+    /// Every call, in order.
+    pub fn call_log(&self) -> Vec<Call> {
+        self.shared.lock().calls.clone()
+    }
+
+    /// Every credential issued, in order.
+    pub fn issued(&self) -> Vec<Issued> {
+        self.shared.lock().issued.clone()
+    }
+
+    /// The credential with this access key id, with the pod its token was bound to.
+    pub fn whois(&self, access_key_id: &str) -> Option<Issued> {
+        let st = self.shared.lock();
+        st.by_key.get(access_key_id).map(|&i| st.issued[i].clone())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// HTTP plumbing
+
+type Body = Full<Bytes>;
+
+async fn accept_loop(listener: TcpListener, shared: Arc<StsShared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let mut shutdown = shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            let service = {
+                let shared = shared.clone();
+                service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                })
+            };
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
+    }
+}
+
+fn parse_form(form: &str) -> HashMap<String, String> {
+    form.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn xml_response(status: u16, request_id: &str, xml: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml")
+        .header("x-amzn-RequestId", request_id)
+        .body(Full::new(Bytes::from(xml)))
+        .expect("response")
+}
+
+fn json_response(status: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).expect("json"))))
+        .expect("response")
+}
+
+/// An STS error: HTTP status, code and message.
+struct StsError {
+    status: u16,
+    code: String,
+    message: String,
+}
+
+impl StsError {
+    fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn validation(message: impl Into<String>) -> Self {
+        Self::new(400, "ValidationError", message)
+    }
+
+    fn invalid_token(detail: impl Into<String>) -> Self {
+        Self::new(400, "InvalidIdentityToken", detail)
+    }
+
+    fn injected(status: u16, code: &str) -> Self {
+        let message = match code {
+            "ServiceUnavailable" => "Service is unavailable. Please try again later.",
+            "Throttling" => "Rate exceeded",
+            "AccessDenied" => "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+            "IDPCommunicationError" => "Couldn't retrieve verification key from your identity provider",
+            "InternalFailure" => "An internal error occurred.",
+            _ => "Injected failure",
+        };
+        Self::new(status, code, message)
+    }
+
+    fn response(&self, request_id: &str) -> Response<Body> {
+        let kind = if self.status >= 500 { "Receiver" } else { "Sender" };
+        xml_response(
+            self.status,
+            request_id,
+            format!(
+                "<ErrorResponse xmlns=\"{XMLNS}\">\n  <Error>\n    <Type>{kind}</Type>\n    <Code>{}</Code>\n    \
+                 <Message>{}</Message>\n  </Error>\n  <RequestId>{request_id}</RequestId>\n</ErrorResponse>\n",
+                xml_escape(&self.code),
+                xml_escape(&self.message),
+            ),
+        )
+    }
+}
+
+async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    if let Some(rest) = path.strip_prefix("/_double/") {
+        return control(&shared, &method, rest, &query, &body);
+    }
+    let request_id = jwt::random_uid();
+    if path != "/" || !(method == Method::POST || method == Method::GET) {
+        return StsError::new(404, "UnknownOperationException", "Unknown operation").response(&request_id);
+    }
+    let mut params = parse_form(&query);
+    params.extend(parse_form(&String::from_utf8_lossy(&body)));
+    match params.get("Action").map(String::as_str) {
+        Some("AssumeRoleWithWebIdentity") => {}
+        Some(other) => {
+            return StsError::new(
+                400,
+                "InvalidAction",
+                format!("Could not find operation {other} for version 2011-06-15"),
+            )
+            .response(&request_id);
+        }
+        None => return StsError::new(400, "MissingAction", "Missing Action").response(&request_id),
+    }
+    let latency = shared.lock().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let role_arn = params.get("RoleArn").cloned();
+    let session_name = params.get("RoleSessionName").cloned();
+    let result = assume(&shared, &params, &request_id);
+    let mut st = shared.lock();
+    st.calls.push(Call {
+        role_arn,
+        session_name,
+        status: result.as_ref().map_or_else(|e| e.status, |_| 200),
+        outcome: result.as_ref().map_or_else(|e| e.code.clone(), |_| "OK".to_owned()),
+    });
+    drop(st);
+    match result {
+        Ok(xml) => xml_response(200, &request_id, xml),
+        Err(error) => error.response(&request_id),
+    }
+}
+
+struct Role {
+    account: String,
+    name: String,
+}
+
+fn parse_role_arn(arn: &str) -> Option<Role> {
+    let mut parts = arn.splitn(6, ':');
+    let (prefix, partition, service, region, account, resource) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    let valid = prefix == "arn"
+        && partition.starts_with("aws")
+        && service == "iam"
+        && region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit());
+    let name = resource.strip_prefix("role/")?.rsplit('/').next()?;
+    (valid && !name.is_empty()).then(|| Role {
+        account: account.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+fn random_string(alphabet: &[u8], len: usize) -> String {
+    (0..len)
+        .map(|_| alphabet[rand::random_range(0..alphabet.len())] as char)
+        .collect()
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).expect("zero nanoseconds");
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339")
+}
+
+fn assume(shared: &StsShared, params: &HashMap<String, String>, request_id: &str) -> Result<String, StsError> {
+    {
+        let mut st = shared.lock();
+        if let Some((status, code)) = st.fail_next.pop_front().or_else(|| st.failure.clone()) {
+            return Err(StsError::injected(status, &code));
+        }
+    }
+    let required = |name: &str| {
+        params.get(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+            StsError::validation(format!(
+                "1 validation error detected: Value null at '{}' failed to satisfy constraint: Member must not be null",
+                lower_first(name)
+            ))
+        })
+    };
+    let role_arn = required("RoleArn")?;
+    let session_name = required("RoleSessionName")?;
+    let token = required("WebIdentityToken")?;
+    if role_arn.len() < 20 || role_arn.len() > 2048 {
+        return Err(StsError::validation(format!(
+            "1 validation error detected: Value '{role_arn}' at 'roleArn' failed to satisfy constraint: Member must have length greater than or equal to 20"
+        )));
+    }
+    if session_name.len() < 2
+        || session_name.len() > 64
+        || !session_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+    {
+        return Err(StsError::validation(format!(
+            "1 validation error detected: Value '{session_name}' at 'roleSessionName' failed to satisfy constraint: \
+             Member must satisfy regular expression pattern: [\\w+=,.@-]* and have length between 2 and 64"
+        )));
+    }
+    if token.len() < 4 || token.len() > 20_000 {
+        return Err(StsError::validation(
+            "1 validation error detected: Value at 'webIdentityToken' failed to satisfy constraint: Member must have length between 4 and 20000",
+        ));
+    }
+    let max_duration = shared.lock().max_session_duration;
+    let duration: i64 = match params.get("DurationSeconds").filter(|v| !v.is_empty()) {
+        Some(d) => d
+            .parse()
+            .map_err(|_| StsError::validation(format!("Invalid DurationSeconds {d:?}")))?,
+        None => 3600,
+    };
+    if duration < 900 {
+        return Err(StsError::validation(format!(
+            "1 validation error detected: Value '{duration}' at 'durationSeconds' failed to satisfy constraint: Member must have value greater than or equal to 900"
+        )));
+    }
+    if duration > max_duration {
+        return Err(StsError::validation(
+            "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
+        ));
+    }
+    let role = parse_role_arn(role_arn).ok_or_else(|| StsError::validation("Request ARN is invalid"))?;
+
+    let audience = shared.lock().audience.clone();
+    let claims = shared.verifier.verify(token, &audience).map_err(|e| match e {
+        VerifyError::Expired { exp, now } => StsError::new(
+            400,
+            "ExpiredTokenException",
+            format!("Token expired: current date/time {now} must be before the expiration date/time{exp}"),
+        ),
+        VerifyError::WrongAudience { .. } => StsError::invalid_token("Incorrect token audience"),
+        VerifyError::WrongIssuer(iss) => {
+            StsError::invalid_token(format!("No OpenIDConnect provider found in your account for {iss}"))
+        }
+        other => StsError::invalid_token(format!(
+            "The web identity token that was passed could not be validated by AWS. Get a new identity token from the identity provider and then retry the request. ({other})"
+        )),
+    })?;
+
+    let mut st = shared.lock();
+    let allowed = st.trust_all
+        || st.trusted_any.contains(role_arn)
+        || st.trusted.contains(&(role_arn.clone(), claims.sub.clone()));
+    if !allowed {
+        return Err(StsError::new(
+            403,
+            "AccessDenied",
+            "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+        ));
+    }
+
+    const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let access_key_id = loop {
+        let candidate = format!("ASIA{}", random_string(UPPER, 16));
+        if !st.by_key.contains_key(&candidate) {
+            break candidate;
+        }
+    };
+    let secret = random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 40);
+    let session_token = format!(
+        "IQoJb3JpZ2luX2VjE{}",
+        STANDARD.encode((0..240).map(|_| rand::random::<u8>()).collect::<Vec<u8>>())
+    );
+    let expiration = rfc3339(time::OffsetDateTime::now_utc() + time::Duration::seconds(duration));
+    let role_id = format!("AROA{}", random_string(UPPER, 17).chars().take(17).collect::<String>());
+    let provider = format!(
+        "arn:aws:iam::{}:oidc-provider/{}",
+        role.account,
+        shared.verifier.issuer().trim_start_matches("https://")
+    );
+    let assumed_arn = format!(
+        "arn:aws:sts::{}:assumed-role/{}/{session_name}",
+        role.account, role.name
+    );
+    let pod = claims.pod();
+    let issued = Issued {
+        access_key_id: access_key_id.clone(),
+        role_arn: role_arn.clone(),
+        session_name: session_name.clone(),
+        duration_seconds: duration,
+        expiration: expiration.clone(),
+        sub: claims.sub.clone(),
+        namespace: claims.kubernetes.namespace.clone(),
+        service_account: claims.kubernetes.serviceaccount.name.clone(),
+        pod_name: pod.map(|p| p.name.clone()),
+        pod_uid: pod.map(|p| p.uid.clone()),
+    };
+    let index = st.issued.len();
+    st.issued.push(issued);
+    st.by_key.insert(access_key_id.clone(), index);
+    drop(st);
+
+    Ok(format!(
+        "<AssumeRoleWithWebIdentityResponse xmlns=\"{XMLNS}\">\n  <AssumeRoleWithWebIdentityResult>\n    \
+         <Audience>{audience}</Audience>\n    <AssumedRoleUser>\n      <AssumedRoleId>{role_id}:{session}</AssumedRoleId>\n      \
+         <Arn>{assumed_arn}</Arn>\n    </AssumedRoleUser>\n    <Provider>{provider}</Provider>\n    <Credentials>\n      \
+         <AccessKeyId>{access_key_id}</AccessKeyId>\n      <SecretAccessKey>{secret}</SecretAccessKey>\n      \
+         <SessionToken>{session_token}</SessionToken>\n      <Expiration>{expiration}</Expiration>\n    </Credentials>\n    \
+         <SubjectFromWebIdentityToken>{sub}</SubjectFromWebIdentityToken>\n  </AssumeRoleWithWebIdentityResult>\n  \
+         <ResponseMetadata>\n    <RequestId>{request_id}</RequestId>\n  </ResponseMetadata>\n</AssumeRoleWithWebIdentityResponse>\n",
+        audience = xml_escape(&audience),
+        session = xml_escape(session_name),
+        assumed_arn = xml_escape(&assumed_arn),
+        provider = xml_escape(&provider),
+        sub = xml_escape(&claims.sub),
+    ))
+}
+
+fn lower_first(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_ascii_lowercase().to_string() + c.as_str())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Control endpoints for scripts
+
+fn control(shared: &StsShared, method: &Method, rest: &str, query: &str, body: &[u8]) -> Response<Body> {
+    let v: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return json_response(400, &json!({ "error": e.to_string() })),
+        }
+    };
+    let ok = || json_response(200, &json!({ "ok": true }));
+    let field = |name: &str| v.get(name).and_then(Value::as_str).map(str::to_owned);
+    match (method, rest) {
+        (&Method::POST, "trust") => {
+            let Some(role) = field("role_arn") else {
+                return json_response(400, &json!({ "error": "role_arn is required" }));
+            };
+            let mut st = shared.lock();
+            match field("sub") {
+                Some(sub) => st.trusted.insert((role, sub)),
+                None => st.trusted_any.insert(role),
+            };
+            ok()
+        }
+        (&Method::POST, "trust-all") => {
+            shared.lock().trust_all = v.get("enabled").and_then(Value::as_bool).unwrap_or(true);
+            ok()
+        }
+        (&Method::GET, "calls") => {
+            let st = shared.lock();
+            json_response(
+                200,
+                &json!({ "calls": st.calls.len(), "issued": st.issued, "log": st.calls }),
+            )
+        }
+        (&Method::GET, "whois") => {
+            let key = parse_form(query).remove("access_key_id").unwrap_or_default();
+            let st = shared.lock();
+            match st.by_key.get(&key) {
+                Some(&i) => json_response(200, &json!(st.issued[i])),
+                None => json_response(404, &json!({ "error": "unknown access key id" })),
+            }
+        }
+        (&Method::POST, "failure") => {
+            let mut st = shared.lock();
+            if v.is_null() {
+                st.failure = None;
+                st.fail_next.clear();
+                return ok();
+            }
+            let status = v.get("status").and_then(Value::as_u64).unwrap_or(503) as u16;
+            let code = field("code").unwrap_or_else(|| "ServiceUnavailable".to_owned());
+            if v.get("once").and_then(Value::as_bool).unwrap_or(false) {
+                st.fail_next.push_back((status, code));
+            } else {
+                st.failure = Some((status, code));
+            }
+            ok()
+        }
+        (&Method::POST, "latency") => {
+            let ms = v.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            shared.lock().latency = Duration::from_millis(ms);
+            ok()
+        }
+        (&Method::POST, "audience") => match field("audience") {
+            Some(audience) => {
+                shared.lock().audience = audience;
+                ok()
+            }
+            None => json_response(400, &json!({ "error": "audience is required" })),
+        },
+        _ => json_response(404, &json!({ "error": "unknown control endpoint" })),
+    }
+}
