@@ -6,6 +6,7 @@ mod support;
 
 mod admin;
 mod doubles_selftest;
+mod logging;
 mod moto;
 mod refusals;
 mod serving;

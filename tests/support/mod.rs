@@ -5,6 +5,7 @@ pub mod agent;
 pub mod fixtures;
 pub mod jwt;
 pub mod kube;
+pub mod logs;
 pub mod python;
 pub mod sts;
 
