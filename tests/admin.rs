@@ -49,3 +49,27 @@ async fn the_agent_stops_cleanly_on_shutdown() {
     let agent = cluster.agent(&[]).await;
     agent.stop().await;
 }
+
+#[test]
+fn the_readme_documents_every_flag_and_its_environment_variable() {
+    use clap::CommandFactory;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let command = imds_broker::config::Cli::command();
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(long, "help" | "version") {
+            continue;
+        }
+        assert!(
+            readme.contains(&format!("`--{long}")),
+            "README does not document --{long}"
+        );
+        if let Some(env) = arg.get_env() {
+            let env = env.to_string_lossy();
+            assert!(
+                readme.contains(&format!("`{env}`")),
+                "README does not name {env} for --{long}"
+            );
+        }
+    }
+}
