@@ -10,3 +10,4 @@ mod logging;
 mod moto;
 mod refusals;
 mod serving;
+mod watch;
