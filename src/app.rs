@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::credentials::Cache;
+use crate::metadata::Metadata;
 use crate::pods::Store;
 use crate::server::admin::Admin;
 use crate::server::imds::Imds;
@@ -60,12 +61,31 @@ impl App {
             store.clone(),
             credentials::Metrics::register(&registry)?,
         );
+        let sessions = match &config.token_key_file {
+            Some(path) => {
+                let secret =
+                    std::fs::read(path).with_context(|| format!("reading --token-key-file {}", path.display()))?;
+                Sessions::from_secret(&secret).with_context(|| {
+                    format!(
+                        "--token-key-file {}: needs at least {} bytes",
+                        path.display(),
+                        Sessions::MIN_SECRET
+                    )
+                })?
+            }
+            None => {
+                tracing::warn!("no --token-key-file: IMDSv2 tokens will not survive a restart of this agent");
+                Sessions::random()
+            }
+        };
+        let metadata = Metadata::build(config.metadata.clone()).await;
         let imds = Arc::new(Imds {
             config: config.imds.clone(),
             store: store.clone(),
             cache: cache.clone(),
-            sessions: Sessions::random(),
+            sessions,
             metrics: server::imds::Metrics::register(&registry)?,
+            metadata,
         });
         let netfilter = config
             .netfilter

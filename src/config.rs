@@ -10,7 +10,7 @@ use crate::roles::{BaseArn, Resolver};
 use crate::server::imds::Imdsv2;
 use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
-use crate::{credentials, netfilter, server, sts, token};
+use crate::{credentials, metadata, netfilter, server, sts, token};
 
 /// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
@@ -139,6 +139,33 @@ pub struct Args {
     /// Log filter in tracing's EnvFilter syntax (e.g. info, imds_broker=debug).
     #[arg(long, env = "IMDS_BROKER_LOG", default_value = "info")]
     pub log: String,
+
+    /// Where metadata other than credentials comes from: none (synthesised from --region,
+    /// --availability-zone and the node name), auto (probe http://169.254.169.254 for 1s at start, else
+    /// none), or http://IP[:PORT] (proxy the --allow-path paths to that IMDS).
+    #[arg(long, env = "IMDS_BROKER_UPSTREAM_IMDS", default_value = "none", value_parser = metadata::Mode::parse)]
+    pub upstream_imds: metadata::Mode,
+
+    /// A regular expression over the path after /latest/ (matched whole) that may be proxied to the
+    /// upstream IMDS; repeatable. Replaces the default list. The node's credentials, user-data, identity
+    /// signatures and spot notices are never proxied, whatever the patterns.
+    #[arg(long = "allow-path", env = "IMDS_BROKER_ALLOW_PATH")]
+    pub allow_path: Vec<String>,
+
+    /// Availability zone served in on-prem mode (must start with --region); unset: not served.
+    #[arg(long, env = "IMDS_BROKER_AVAILABILITY_ZONE")]
+    pub availability_zone: Option<String>,
+
+    /// IP TTL (IPv6 hop limit) of IMDSv2 token responses, as EC2's HttpPutResponseHopLimit: 1 keeps
+    /// tokens inside the pod's network namespace.
+    #[arg(long, env = "IMDS_BROKER_TOKEN_HOP_LIMIT", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub token_hop_limit: u8,
+
+    /// File whose contents key the IMDSv2 session tokens, so tokens survive a restart (a mounted Secret
+    /// or a hostPath; at least 32 bytes). Unset: a random key per process.
+    #[arg(long, env = "IMDS_BROKER_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<std::path::PathBuf>,
 }
 
 /// Why the flags do not make a working configuration.
@@ -172,6 +199,14 @@ pub enum Error {
     NoNodeIp,
     #[error("--node-ip {ip}: {reason}")]
     NodeIp { ip: IpAddr, reason: &'static str },
+    #[error("--allow-path {value:?}: {reason}")]
+    AllowPath {
+        value: String,
+        #[source]
+        reason: regex::Error,
+    },
+    #[error("--availability-zone {zone:?} is not in --region {region:?}")]
+    AvailabilityZone { zone: String, region: String },
 }
 
 /// Everything the application needs, per component.
@@ -188,6 +223,10 @@ pub struct Config {
     pub credentials: credentials::Config,
     /// The iptables capture, when `--iptables` is set.
     pub netfilter: Option<netfilter::Config>,
+    /// The metadata surface besides credentials.
+    pub metadata: metadata::Config,
+    /// `--token-key-file`.
+    pub token_key_file: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -231,6 +270,7 @@ impl Args {
             });
         }
         let netfilter = self.iptables.then(|| self.netfilter()).transpose()?;
+        let metadata = self.metadata(&node_name, &region)?;
         Ok(Config {
             node_name,
             listen: self.listen,
@@ -239,6 +279,7 @@ impl Args {
             imds: server::imds::Config {
                 imdsv2: self.imdsv2,
                 pod_wait: self.pod_wait,
+                token_hop_limit: self.token_hop_limit,
             },
             roles: Resolver { base, default },
             token: token::Config {
@@ -256,6 +297,41 @@ impl Args {
                 background_concurrency: self.background_concurrency,
             },
             netfilter,
+            metadata,
+            token_key_file: self.token_key_file.clone(),
+        })
+    }
+
+    fn metadata(&self, node_name: &str, region: &str) -> Result<metadata::Config, Error> {
+        let allow = if self.allow_path.is_empty() {
+            metadata::Rules::default_allow()
+        } else {
+            for value in &self.allow_path {
+                metadata::Rules::new(&[value]).map_err(|reason| Error::AllowPath {
+                    value: value.clone(),
+                    reason,
+                })?;
+            }
+            metadata::Rules::new(&self.allow_path).map_err(|reason| Error::AllowPath {
+                value: self.allow_path.join(" "),
+                reason,
+            })?
+        };
+        let availability_zone = self.availability_zone.clone().filter(|z| !z.trim().is_empty());
+        if let Some(zone) = &availability_zone
+            && !zone.starts_with(region)
+        {
+            return Err(Error::AvailabilityZone {
+                zone: zone.clone(),
+                region: region.to_owned(),
+            });
+        }
+        Ok(metadata::Config {
+            mode: self.upstream_imds.clone(),
+            allow,
+            region: region.to_owned(),
+            availability_zone,
+            node_name: node_name.to_owned(),
         })
     }
 
@@ -430,6 +506,53 @@ mod tests {
             with("eth0 -j ACCEPT", "10.0.0.1"),
             Err(Error::HostInterface { .. })
         ));
+    }
+
+    #[test]
+    fn metadata_defaults_are_synthetic_with_the_default_allow_list_and_a_hop_limit_of_one() {
+        let config = args(&[]).unwrap().config().unwrap();
+        assert_eq!(config.metadata.mode, metadata::Mode::None);
+        assert!(config.metadata.allow.allows("meta-data/placement/region"));
+        assert!(config.metadata.availability_zone.is_none());
+        assert_eq!(config.imds.token_hop_limit, 1);
+        assert!(config.token_key_file.is_none());
+    }
+
+    #[test]
+    fn metadata_flags_are_validated() {
+        assert!(args(&["--upstream-imds", "https://169.254.169.254"]).is_err());
+        assert!(args(&["--token-hop-limit", "0"]).is_err());
+        assert!(args(&["--token-hop-limit", "65"]).is_err());
+        assert!(matches!(
+            args(&["--allow-path", "meta-data/(unclosed"]).unwrap().config(),
+            Err(Error::AllowPath { .. })
+        ));
+        assert!(matches!(
+            args(&["--availability-zone", "us-east-1a"]).unwrap().config(),
+            Err(Error::AvailabilityZone { .. })
+        ));
+        let config = args(&[
+            "--upstream-imds",
+            "http://127.0.0.1:9",
+            "--allow-path",
+            "meta-data/ami-id",
+            "--allow-path",
+            "meta-data/mac",
+            "--availability-zone",
+            "eu-west-1c",
+        ])
+        .unwrap()
+        .config()
+        .unwrap();
+        assert_eq!(
+            config.metadata.mode,
+            metadata::Mode::Upstream("127.0.0.1:9".parse().unwrap())
+        );
+        assert!(config.metadata.allow.allows("meta-data/mac"));
+        assert!(
+            !config.metadata.allow.allows("meta-data/placement/region"),
+            "replaces the defaults"
+        );
     }
 
     #[test]

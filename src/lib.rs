@@ -12,6 +12,7 @@
 //! - [`metrics`]: the registry and its encoding;
 //! - [`credentials`]: the per-pod session cache (single-flight, refresh, prefetch, eviction);
 //! - [`pods`], [`roles`], [`token`], [`sts`]: who is calling, which role, a pod-bound token, STS;
+//! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;
 //! - [`netfilter`]: the iptables rules that bring pods' metadata traffic to this agent;
 //! - [`workload`]: the shared vocabulary.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@
 pub mod app;
 pub mod config;
 pub mod credentials;
+pub mod metadata;
 pub mod metrics;
 pub mod netfilter;
 pub mod pods;

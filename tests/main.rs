@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod doubles_selftest;
 mod logging;
+mod metadata;
 mod moto;
 mod refusals;
 mod serving;

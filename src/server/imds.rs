@@ -13,9 +13,11 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use super::hop_limit::HopLimit;
 use super::response::{self, Body, Failure};
 use super::session::{self, Sessions};
 use crate::credentials::Cache;
+use crate::metadata::{self, Metadata};
 use crate::pods::{Lookup, Store};
 use crate::workload::{RoleArn, Workload};
 
@@ -35,6 +37,8 @@ pub struct Config {
     pub imdsv2: Imdsv2,
     /// `--pod-wait`: how long a request from an unknown IP waits for the pod watch to catch up.
     pub pod_wait: Duration,
+    /// `--token-hop-limit`: the IP TTL of token responses (1-64).
+    pub token_hop_limit: u8,
 }
 
 /// Where a request goes, decided from method and path alone.
@@ -50,6 +54,10 @@ pub enum Route {
     RoleDocument(String),
     /// `GET /latest/meta-data/iam/info`.
     Info,
+    /// Any other `GET` under `/latest/` (outside `meta-data/iam/`), as a path relative to `/latest/`
+    /// without a trailing slash (`""` is `/latest/` itself). What is served there is decided by
+    /// [`crate::metadata`], never by the router.
+    Metadata(String),
 }
 
 impl Route {
@@ -60,8 +68,32 @@ impl Route {
             Route::RoleListing => "role_listing",
             Route::RoleDocument(_) => "credentials",
             Route::Info => "info",
+            Route::Metadata(_) => "metadata",
         }
     }
+
+    /// The one canonical path this route answers (without the tolerated trailing slash).
+    pub fn path(&self) -> String {
+        match self {
+            Route::Token => "/latest/api/token".to_owned(),
+            Route::IamListing => "/latest/meta-data/iam".to_owned(),
+            Route::RoleListing => "/latest/meta-data/iam/security-credentials".to_owned(),
+            Route::RoleDocument(name) => format!("/latest/meta-data/iam/security-credentials/{name}"),
+            Route::Info => "/latest/meta-data/iam/info".to_owned(),
+            Route::Metadata(path) if path.is_empty() => "/latest".to_owned(),
+            Route::Metadata(path) => format!("/latest/{path}"),
+        }
+    }
+}
+
+/// Routes a whole request target. Only the origin form (`/path`) is accepted: an absolute-form target
+/// (`GET http://host/path`), an authority or `*` form, and any query string are 400, so nothing but
+/// the path can ever influence what is answered (or forwarded upstream).
+pub fn route_target(method: &Method, target: &http::Uri) -> Result<Route, Failure> {
+    if target.scheme().is_some() || target.authority().is_some() || target.query().is_some() {
+        return Err(Failure::BadPath);
+    }
+    route(method, target.path())
 }
 
 /// Routes a request. Paths are taken literally: anything that a normalising proxy or client could
@@ -93,6 +125,10 @@ pub fn route(method: &Method, path: &str) -> Result<Route, Failure> {
         ["latest", "meta-data", "iam", "security-credentials"] => Route::RoleListing,
         ["latest", "meta-data", "iam", "security-credentials", name] => Route::RoleDocument((*name).to_owned()),
         ["latest", "meta-data", "iam", "info"] => Route::Info,
+        // The node's own credential tree is never looked up anywhere else.
+        ["latest", "meta-data", "iam", ..] => return Err(Failure::NotFound),
+        ["latest"] => Route::Metadata(String::new()),
+        ["latest", "meta-data" | "dynamic", ..] => Route::Metadata(segments[1..].join("/")),
         _ => return Err(Failure::NotFound),
     };
     if method != Method::GET && method != Method::HEAD {
@@ -151,6 +187,8 @@ pub struct Imds {
     pub cache: Cache,
     pub sessions: Sessions,
     pub metrics: Metrics,
+    /// Everything under `/latest/` that is not the credential tree.
+    pub metadata: Metadata,
 }
 
 impl Imds {
@@ -158,7 +196,7 @@ impl Imds {
     pub async fn handle<B>(self: Arc<Self>, peer: IpAddr, request: Request<B>) -> Response<Body> {
         let started = std::time::Instant::now();
         let peer = canonical(peer);
-        let route = route(request.method(), request.uri().path());
+        let route = route_target(request.method(), request.uri());
         let label = route.as_ref().map_or("other", Route::label);
         let outcome = match route {
             Ok(route) => self.answer(peer, &request, route).await,
@@ -194,6 +232,9 @@ impl Imds {
                 .get("x-aws-ec2-metadata-token-ttl-seconds")
                 .and_then(|v| session::parse_ttl(v.as_bytes()))
                 .ok_or(Failure::BadTtl)?;
+            if let Some(hops) = request.extensions().get::<HopLimit>() {
+                hops.limit(self.config.token_hop_limit);
+            }
             return Ok(response::token(self.sessions.issue(peer, ttl, now), ttl));
         }
         match headers.get("x-aws-ec2-metadata-token") {
@@ -208,9 +249,19 @@ impl Imds {
             None => {}
         }
         let workload = self.caller(peer).await?;
+        if let Route::Metadata(path) = &route {
+            return match self.metadata.get(path).await {
+                Ok(answer) => Ok(response::metadata(answer)),
+                Err(metadata::Error::NotFound) => Err(Failure::NotFound),
+                Err(metadata::Error::Upstream(error)) => {
+                    tracing::warn!(pod = %workload.key(), %path, kind = error.kind(), %error, "upstream IMDS failed");
+                    Err(Failure::Upstream(error))
+                }
+            };
+        }
         let role = self.role_of(&workload)?;
         match route {
-            Route::Token => unreachable!("answered above"),
+            Route::Token | Route::Metadata(_) => unreachable!("answered above"),
             Route::IamListing => Ok(response::text(
                 http::StatusCode::OK,
                 "info\nsecurity-credentials/".to_owned(),
@@ -337,8 +388,11 @@ mod tests {
         for path in [
             "/",
             "/latest/user-data",
-            "/latest/meta-data/",
+            "/latest/user-data/",
+            "/2021-07-15/meta-data/placement/region",
             "/latest/meta-data/iam/security-credentials/a/b",
+            "/latest/meta-data/iam/security-credentials-extended/app",
+            "/latest/meta-data/iam/anything-else",
         ] {
             assert_eq!(kind(get(path)), "not_found", "{path}");
         }
@@ -358,6 +412,114 @@ mod tests {
             assert_eq!(kind(get(path)), "bad_path", "{path}");
         }
         assert_eq!(kind(get(&format!("/latest/{}", "a".repeat(2000)))), "bad_path");
+    }
+
+    fn target(t: &str) -> Result<Route, Failure> {
+        route_target(&Method::GET, &t.parse::<http::Uri>().unwrap())
+    }
+
+    #[test]
+    fn the_metadata_tree_routes_to_the_metadata_source_by_canonical_path() {
+        assert_eq!(get("/latest").ok(), Some(Route::Metadata(String::new())));
+        assert_eq!(get("/latest/").ok(), Some(Route::Metadata(String::new())));
+        assert_eq!(
+            get("/latest/meta-data/").ok(),
+            Some(Route::Metadata("meta-data".into()))
+        );
+        assert_eq!(
+            get("/latest/meta-data/placement/availability-zone/").ok(),
+            Some(Route::Metadata("meta-data/placement/availability-zone".into()))
+        );
+        assert_eq!(
+            get("/latest/dynamic/instance-identity/document").ok(),
+            Some(Route::Metadata("dynamic/instance-identity/document".into()))
+        );
+        assert_eq!(
+            kind(route(&Method::POST, "/latest/meta-data/placement/region")),
+            "method_not_allowed"
+        );
+    }
+
+    #[test]
+    fn only_origin_form_targets_without_a_query_are_routed() {
+        assert_eq!(target("/latest/meta-data/iam/info").ok(), Some(Route::Info));
+        for bad in [
+            "http://169.254.169.254/latest/meta-data/iam/info",
+            "http://evil/latest/meta-data/iam/info",
+            "169.254.169.254:80",
+            "*",
+            "/latest/meta-data/iam/info?x=1",
+            "/latest/meta-data/iam/info?",
+            "/latest/meta-data/placement/region?../../user-data",
+        ] {
+            assert_eq!(kind(target(bad)), "bad_path", "{bad}");
+        }
+    }
+
+    #[test]
+    fn control_bytes_spaces_and_non_ascii_are_rejected() {
+        for path in [
+            "/latest/meta-data/iam/info\0",
+            "/latest/meta-data/iam/info\0/x",
+            "/latest/meta-data/iam/\tinfo",
+            "/latest/meta-data/iam/info\r\n",
+            "/latest/meta-data/iam/ info",
+            "/latest/meta-data/iam/inf\u{7f}o",
+            "/latest/meta-data/iam/\u{e9}",
+            "/latest/meta-data/placement/region/..",
+            "/latest/meta-data/placement/%2E%2E/%2e%2e/user-data",
+            "/latest/dynamic/..\\..\\user-data",
+            "//latest/meta-data/iam/info",
+            "/latest/meta-data//",
+        ] {
+            assert_eq!(kind(get(path)), "bad_path", "{path:?}");
+        }
+    }
+
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
+
+        /// Whatever the target, a routed request answers exactly its one canonical path (optionally
+        /// with the one tolerated trailing slash): nothing is resolved, decoded or normalised.
+        #[test]
+        fn a_routed_target_is_exactly_its_canonical_path(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(vec![
+                        "latest", "meta-data", "iam", "security-credentials", "info", "api", "token",
+                        "dynamic", "instance-identity", "document", "placement", "region", "user-data",
+                        "..", ".", "", "%2e", "%2f", "%2E%2E", "\\", "\0", "\t", "\u{e9}", "?", "#",
+                        " ", ";", "http:", "a\\b", "..;",
+                    ]).prop_map(str::to_owned),
+                    "[ -~]{0,6}",
+                    proptest::prelude::any::<String>(),
+                ],
+                0..8,
+            ),
+            leading in proptest::sample::select(vec!["/", "", "//", "\\", "http://x/"]),
+            trailing in proptest::sample::select(vec!["", "/", "//"]),
+        ) {
+            let path = format!("{leading}{}{trailing}", parts.join("/"));
+            if let Ok(route) = get(&path) {
+                let canonical = route.path();
+                let with_slash = canonical.clone() + "/";
+                proptest::prop_assert!(
+                    path == canonical || path == with_slash,
+                    "{:?} routed as {:?}", path, canonical
+                );
+                proptest::prop_assert!(path.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\'));
+                proptest::prop_assert!(!path.split('/').any(|s| s == ".." || s == "."));
+            }
+            if let Ok(uri) = path.parse::<http::Uri>()
+                && let Ok(route) = route_target(&Method::GET, &uri)
+            {
+                proptest::prop_assert!(uri.query().is_none() && uri.authority().is_none());
+                let (canonical, got) = (route.path(), uri.path());
+                proptest::prop_assert!(got == canonical || got.strip_suffix('/') == Some(canonical.as_str()));
+            }
+        }
     }
 
     #[test]

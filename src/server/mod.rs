@@ -3,6 +3,7 @@
 //! become HTTP lives only in [`response`].
 
 pub mod admin;
+pub mod hop_limit;
 pub mod imds;
 pub mod response;
 pub mod session;
@@ -48,15 +49,19 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |request| {
+        // Each request can ask for this connection's hop limit (IMDSv2 token responses do).
+        let hops = hop_limit::HopLimit::default();
+        let io = hop_limit::Io::new(stream, hops.clone());
+        let service = service_fn(move |mut request: Request<Incoming>| {
             let handler = handler.clone();
+            request.extensions_mut().insert(hops.clone());
             async move { Ok::<_, Infallible>(handler(peer, request).await) }
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(5))
             .max_buf_size(16 * 1024)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

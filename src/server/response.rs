@@ -41,6 +41,8 @@ pub enum Failure {
     Refused { role: RoleArn, error: credentials::Error },
     /// STS or the API server failed transiently; the SDK may retry.
     Unavailable,
+    /// The node's IMDS failed while proxying an allowed metadata path.
+    Upstream(crate::metadata::UpstreamError),
 }
 
 impl Failure {
@@ -58,6 +60,7 @@ impl Failure {
             Failure::InvalidRole => "invalid_role",
             Failure::Refused { .. } => "refused",
             Failure::Unavailable => "unavailable",
+            Failure::Upstream(_) => "upstream",
         }
     }
 
@@ -92,7 +95,9 @@ impl Failure {
                     ]),
                 )
             }
-            Failure::Unavailable => error_page(StatusCode::SERVICE_UNAVAILABLE, "503 - Service Unavailable"),
+            Failure::Unavailable | Failure::Upstream(_) => {
+                error_page(StatusCode::SERVICE_UNAVAILABLE, "503 - Service Unavailable")
+            }
         }
     }
 }
@@ -170,6 +175,17 @@ pub fn info_document(role: &RoleArn, last_updated: OffsetDateTime) -> String {
         ("InstanceProfileArn", &profile_arn),
         ("InstanceProfileId", &id),
     ])
+}
+
+/// A metadata answer: text verbatim, JSON in EC2's layout.
+pub fn metadata(answer: crate::metadata::Answer) -> Response<Body> {
+    match answer {
+        crate::metadata::Answer::Text(body) => text(StatusCode::OK, body),
+        crate::metadata::Answer::Json(fields) => {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            text(StatusCode::OK, json_document(&fields))
+        }
+    }
 }
 
 /// A `text/plain` document.
@@ -283,6 +299,10 @@ mod tests {
             (Failure::NotFound, 404),
             (Failure::InvalidRole, 404),
             (Failure::Unavailable, 503),
+            (
+                Failure::Upstream(crate::metadata::UpstreamError::Status(StatusCode::BAD_GATEWAY)),
+                503,
+            ),
         ];
         for (failure, status) in cases {
             let kind = failure.kind();

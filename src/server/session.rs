@@ -51,6 +51,23 @@ impl Sessions {
         Self::new(rand::random())
     }
 
+    /// The shortest secret [`Sessions::from_secret`] accepts.
+    pub const MIN_SECRET: usize = 32;
+
+    /// Sessions keyed by a secret that outlives the process (`--token-key-file`), so tokens survive a
+    /// restart. The key is derived, never the secret itself, so the same secret could key something
+    /// else without the two being related.
+    pub fn from_secret(secret: &[u8]) -> Option<Self> {
+        use sha2::Digest;
+        if secret.len() < Self::MIN_SECRET {
+            return None;
+        }
+        let mut hash = Sha256::new();
+        hash.update(b"imds-broker IMDSv2 session key v1\0");
+        hash.update(secret);
+        Some(Self::new(hash.finalize().into()))
+    }
+
     fn mac(&self, head: &[u8], ip: IpAddr) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(head);
@@ -151,6 +168,17 @@ mod tests {
         bytes[8] = bytes[8].wrapping_add(100);
         let forged = STANDARD.encode(bytes);
         assert_eq!(s.verify(&forged, ip("10.0.0.1"), 1_001), Err(Invalid::WrongCaller));
+    }
+
+    #[test]
+    fn a_key_from_the_same_secret_accepts_the_same_tokens_and_short_secrets_are_refused() {
+        let secret = [9u8; 40];
+        let t = Sessions::from_secret(&secret).unwrap().issue(ip("10.0.0.1"), 60, 1_000);
+        let restarted = Sessions::from_secret(&secret).unwrap();
+        assert_eq!(restarted.verify(&t, ip("10.0.0.1"), 1_001), Ok(()));
+        let other = Sessions::from_secret(&[8u8; 40]).unwrap();
+        assert_eq!(other.verify(&t, ip("10.0.0.1"), 1_001), Err(Invalid::WrongCaller));
+        assert!(Sessions::from_secret(&[1u8; 31]).is_none());
     }
 
     #[test]

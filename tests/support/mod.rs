@@ -8,6 +8,7 @@ pub mod kube;
 pub mod logs;
 pub mod python;
 pub mod sts;
+pub mod upstream;
 
 use agent::Agent;
 use kube::{PodFixture, ServiceAccountFixture};
