@@ -120,13 +120,15 @@ impl Index {
         let Some(uids) = self.by_ip.get(&ip) else {
             return Lookup::Unknown;
         };
-        let candidates: Vec<&Workload> = uids.iter().filter_map(|u| self.pods.get(u)).collect();
-        let live: Vec<&Workload> = candidates.iter().copied().filter(|w| !w.terminating).collect();
-        let owners = if live.is_empty() { candidates } else { live };
-        match owners.as_slice() {
-            [] => Lookup::Unknown,
-            [one] => Lookup::Found((*one).clone()),
-            many => Lookup::Ambiguous(many.iter().map(|w| w.key()).collect()),
+        let candidates = || uids.iter().filter_map(|u| self.pods.get(u));
+        // Live pods own the address; terminating ones only while no live pod claims it.
+        let live = candidates().filter(|w| !w.terminating).count();
+        let owners = || candidates().filter(move |w| live == 0 || !w.terminating);
+        let mut found = owners();
+        match (found.next(), found.next()) {
+            (None, _) => Lookup::Unknown,
+            (Some(one), None) => Lookup::Found(one.clone()),
+            _ => Lookup::Ambiguous(owners().map(Workload::key).collect()),
         }
     }
 

@@ -52,6 +52,10 @@ impl Store {
     /// The pod that owns `ip`, waiting until `deadline` for the watch to learn of it when it is not known
     /// yet (a pod that just started sends its first request before the API server's event reaches us).
     pub async fn lookup_or_wait(&self, ip: IpAddr, deadline: Instant) -> Lookup {
+        let found = self.lookup(ip);
+        if found != Lookup::Unknown {
+            return found;
+        }
         let mut generation = self.generation.subscribe();
         loop {
             // Mark the current generation seen before looking, so a change in between wakes us.
