@@ -18,7 +18,7 @@ use crate::pods::Store;
 use crate::server::admin::Admin;
 use crate::server::imds::Imds;
 use crate::server::session::Sessions;
-use crate::{credentials, netfilter, pods, server, sts, token};
+use crate::{credentials, namespaces, netfilter, pods, server, sts, token};
 
 /// A built, not yet running agent.
 pub struct App {
@@ -30,6 +30,7 @@ pub struct App {
     cache: Cache,
     imds: Arc<Imds>,
     watcher: pods::watch::Watcher,
+    namespace_watcher: namespaces::Watcher,
     events: mpsc::Receiver<pods::Event>,
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
 }
@@ -55,7 +56,7 @@ impl App {
         };
         let cache = Cache::new(
             config.credentials.clone(),
-            token::Minter::new(client, config.token.clone()),
+            token::Minter::new(client.clone(), config.token.clone()),
             sts::Exchanger::new(&config.sts),
             config.roles.clone(),
             store.clone(),
@@ -79,6 +80,11 @@ impl App {
             }
         };
         let metadata = Metadata::build(config.metadata.clone()).await;
+        let namespace_policy = namespaces::Policy::new();
+        let namespace_watcher = namespaces::Watcher {
+            client: client.clone(),
+            policy: namespace_policy.clone(),
+        };
         let imds = Arc::new(Imds {
             config: config.imds.clone(),
             store: store.clone(),
@@ -86,6 +92,7 @@ impl App {
             sessions,
             metrics: server::imds::Metrics::register(&registry)?,
             metadata,
+            namespaces: namespace_policy,
         });
         let netfilter = config
             .netfilter
@@ -101,6 +108,7 @@ impl App {
             cache,
             imds,
             watcher,
+            namespace_watcher,
             events,
             netfilter,
         })
@@ -138,6 +146,7 @@ impl App {
         // answered from the cache and the index.
         let background = CancellationToken::new();
         let watch_task = tokio::spawn(self.watcher.run(background.clone()));
+        let namespace_task = tokio::spawn(self.namespace_watcher.run(background.clone()));
         let cache_task = tokio::spawn(self.cache.run(self.events, ready_tx.clone(), background.clone()));
         // The capture rules are never removed here: while the agent is down pods must be refused, not
         // reach the node's own metadata service.
@@ -173,6 +182,7 @@ impl App {
         admin_task.await.context("admin server task")?;
         background.cancel();
         watch_task.await.context("pod watch task")?;
+        namespace_task.await.context("namespace watch task")?;
         cache_task.await.context("credential cache task")?;
         if let Some(task) = netfilter_task {
             task.await.context("iptables reconcile task")?;

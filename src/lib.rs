@@ -13,6 +13,7 @@
 //! - [`credentials`]: the per-pod session cache (single-flight, refresh, prefetch, eviction);
 //! - [`pods`], [`roles`], [`token`], [`sts`]: who is calling, which role, a pod-bound token, STS;
 //! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;
+//! - [`namespaces`]: which namespaces require IMDSv2 (a Namespace annotation);
 //! - [`netfilter`]: the iptables rules that bring pods' metadata traffic to this agent;
 //! - [`workload`]: the shared vocabulary.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod config;
 pub mod credentials;
 pub mod metadata;
 pub mod metrics;
+pub mod namespaces;
 pub mod netfilter;
 pub mod pods;
 pub mod roles;

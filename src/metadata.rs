@@ -277,16 +277,27 @@ impl Metadata {
         }
     }
 
-    /// The answer for `path` (relative to `/latest/`, no trailing slash).
-    pub async fn get(&self, path: &str) -> Result<Answer, Error> {
+    /// The answer for `path` (relative to `/latest/`, no trailing slash). `with_iam`: whether the
+    /// caller has a role, so that `meta-data/` lists `iam/` only when it is served to this caller.
+    pub async fn get(&self, path: &str, with_iam: bool) -> Result<Answer, Error> {
         // Never served here, in either mode: the IMDS handler answers `meta-data/iam/` itself.
         if denied(path) {
             return Err(Error::NotFound);
         }
-        match self {
-            Metadata::Synthetic(s) => s.get(path).ok_or(Error::NotFound),
-            Metadata::Upstream(u) => u.get(path).await.map(Answer::Text),
-        }
+        let answer = match self {
+            Metadata::Synthetic(s) => s.get(path).ok_or(Error::NotFound)?,
+            Metadata::Upstream(u) => Answer::Text(u.get(path).await?),
+        };
+        Ok(match answer {
+            Answer::Text(listing) if path == "meta-data" && !with_iam => Answer::Text(
+                listing
+                    .lines()
+                    .filter(|entry| *entry != IAM_ENTRY)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            other => other,
+        })
     }
 
     /// `synthetic` or `upstream`.

@@ -15,8 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 use crate::support::Cluster;
-use crate::support::agent::{Agent, sdk::FromAddress};
+use crate::support::agent::{Agent, eventually, sdk::FromAddress};
 use crate::support::fixtures::{pod, role};
+use crate::support::kube;
 use crate::support::upstream::{FakeImds, NODE_SECRET, TREE};
 
 const POD_IP: &str = "127.0.1.10";
@@ -264,7 +265,7 @@ async fn on_prem_metadata_is_synthesised_from_the_flags_and_the_node_name() {
     assert!(id.len() == 19 && id.starts_with("i-"), "{id}");
     assert_eq!(
         text("/latest/meta-data/").await,
-        "hostname\niam/\ninstance-id\nlocal-hostname\nplacement/"
+        "hostname\ninstance-id\nlocal-hostname\nplacement/"
     );
     let document = text("/latest/dynamic/instance-identity/document").await;
     assert!(document.starts_with("{\n  \""), "EC2's layout: {document}");
@@ -426,4 +427,37 @@ async fn hostile_request_targets_get_a_defined_answer_on_the_wire() {
         "b".repeat(20_000)
     );
     assert_eq!(raw(&agent, header.as_bytes()).await.0, 431);
+}
+
+#[tokio::test]
+async fn a_namespace_annotated_imdsv2_required_refuses_token_less_requests_from_its_pods() {
+    let cluster = Cluster::start().await;
+    cluster
+        .kube
+        .upsert_namespace("strict", &[("imds-broker.io/imdsv2", "required")]);
+    cluster.kube.upsert_namespace("apps", &[]);
+    cluster.add_pod(&kube::pod("strict", "s").ip("127.0.1.20"));
+    cluster.add_pod(&pod("a", "127.0.1.21"));
+    let agent = cluster.agent(&[]).await;
+    let region = "/latest/meta-data/placement/region";
+    let strict = agent.from("127.0.1.20");
+    let reply = strict.get(region, &[]).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.text().contains("401 - Unauthorized"));
+    let token = strict.token("60").await.text();
+    assert_eq!(
+        strict.get(region, &[("x-aws-ec2-metadata-token", &token)]).await.status,
+        StatusCode::OK
+    );
+    let other = agent.from("127.0.1.21");
+    assert_eq!(other.get(region, &[]).await.status, StatusCode::OK);
+
+    // The annotation takes effect while the agent runs.
+    cluster
+        .kube
+        .upsert_namespace("apps", &[("imds-broker.io/imdsv2", "required")]);
+    eventually("the apps namespace requires IMDSv2", || async {
+        other.get(region, &[]).await.status == StatusCode::UNAUTHORIZED
+    })
+    .await;
 }

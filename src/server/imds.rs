@@ -189,6 +189,8 @@ pub struct Imds {
     pub metrics: Metrics,
     /// Everything under `/latest/` that is not the credential tree.
     pub metadata: Metadata,
+    /// Namespaces that require IMDSv2 whatever `--imdsv2` says.
+    pub namespaces: crate::namespaces::Policy,
 }
 
 impl Imds {
@@ -237,20 +239,31 @@ impl Imds {
             }
             return Ok(response::token(self.sessions.issue(peer, ttl, now), ttl));
         }
-        match headers.get("x-aws-ec2-metadata-token") {
+        let tokenless = match headers.get("x-aws-ec2-metadata-token") {
             Some(token) => {
                 let token = token.to_str().map_err(|_| Failure::BadToken)?;
                 if let Err(invalid) = self.sessions.verify(token, peer, now) {
                     tracing::info!(%peer, reason = %invalid, "refusing IMDSv2 request");
                     return Err(Failure::BadToken);
                 }
+                false
             }
             None if self.config.imdsv2 == Imdsv2::Required => return Err(Failure::TokenRequired),
-            None => {}
-        }
+            None => true,
+        };
         let workload = self.caller(peer).await?;
+        if tokenless
+            && self
+                .namespaces
+                .requires_v2(&workload.namespace, Instant::now() + self.config.pod_wait)
+                .await
+        {
+            tracing::info!(pod = %workload.key(), "refusing IMDSv1 request: the namespace requires IMDSv2");
+            return Err(Failure::TokenRequired);
+        }
         if let Route::Metadata(path) = &route {
-            return match self.metadata.get(path).await {
+            let with_iam = matches!(self.cache.resolver().resolve(&workload), Ok(Some(_)));
+            return match self.metadata.get(path, with_iam).await {
                 Ok(answer) => Ok(response::metadata(answer)),
                 Err(metadata::Error::NotFound) => Err(Failure::NotFound),
                 Err(metadata::Error::Upstream(error)) => {

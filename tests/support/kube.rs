@@ -12,6 +12,8 @@
 //!   collection (objects get a UID and a global, increasing `resourceVersion`);
 //! - `POST /api/v1/namespaces/{ns}/serviceaccounts/{sa}/token` (authentication.k8s.io/v1 TokenRequest,
 //!   bound to a pod, signed with [`super::jwt`]'s test key);
+//! - `GET /api/v1/namespaces` lists and watches of Namespaces (cluster-scoped; stored with an empty
+//!   namespace), for the per-namespace IMDSv2 policy;
 //! - `GET /openid/v1/jwks`, `GET /.well-known/openid-configuration`, `GET /version`, `GET /api`;
 //! - `/_double/...` control endpoints for scripts (see [`FakeKube`]); not counted as API requests.
 //!
@@ -63,6 +65,8 @@ pub enum Kind {
     Pod,
     /// `serviceaccounts`
     ServiceAccount,
+    /// `namespaces` (cluster-scoped)
+    Namespace,
 }
 
 impl Kind {
@@ -70,6 +74,7 @@ impl Kind {
         match s {
             "pods" => Some(Kind::Pod),
             "serviceaccounts" => Some(Kind::ServiceAccount),
+            "namespaces" => Some(Kind::Namespace),
             _ => None,
         }
     }
@@ -79,6 +84,7 @@ impl Kind {
         match self {
             Kind::Pod => "pods",
             Kind::ServiceAccount => "serviceaccounts",
+            Kind::Namespace => "namespaces",
         }
     }
 
@@ -87,6 +93,7 @@ impl Kind {
         match self {
             Kind::Pod => "Pod",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::Namespace => "Namespace",
         }
     }
 
@@ -94,6 +101,7 @@ impl Kind {
         match self {
             Kind::Pod => "PodList",
             Kind::ServiceAccount => "ServiceAccountList",
+            Kind::Namespace => "NamespaceList",
         }
     }
 
@@ -113,6 +121,7 @@ impl Kind {
                 "status.nominatedNodeName",
             ],
             Kind::ServiceAccount => &["metadata.name", "metadata.namespace"],
+            Kind::Namespace => &["metadata.name", "status.phase"],
         }
     }
 }
@@ -314,6 +323,16 @@ impl FakeKube {
     /// The stored service account.
     pub fn get_service_account(&self, namespace: &str, name: &str) -> Option<Value> {
         self.get(Kind::ServiceAccount, namespace, name)
+    }
+
+    /// Creates or replaces a Namespace with these annotations (emits ADDED or MODIFIED).
+    pub fn upsert_namespace(&self, name: &str, annotations: &[(&str, &str)]) -> Value {
+        let annotations: serde_json::Map<String, Value> =
+            annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+        self.upsert(
+            Kind::Namespace,
+            json!({ "metadata": { "name": name, "namespace": "", "annotations": annotations } }),
+        )
     }
 
     /// Creates or replaces an object of `kind`.

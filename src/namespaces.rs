@@ -1,0 +1,188 @@
+//! Per-namespace IMDSv2 enforcement: a Namespace annotated `imds-broker.io/imdsv2: required` gets 401
+//! for token-less (IMDSv1) requests from its pods even when the node serves IMDSv1 (`--imdsv2 optional`).
+//!
+//! [`Policy`] is the shared, read-mostly view the IMDS handler asks; [`Watcher`] (a watch of all
+//! Namespaces) is its only writer. Fails closed: until the first list is applied, and for annotation
+//! values other than `required` / `optional`, a namespace counts as requiring IMDSv2.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The Namespace annotation read.
+pub const IMDSV2_ANNOTATION: &str = "imds-broker.io/imdsv2";
+
+#[derive(Default)]
+struct State {
+    required: HashSet<String>,
+}
+
+/// Which namespaces require IMDSv2.
+#[derive(Clone)]
+pub struct Policy {
+    state: Arc<RwLock<State>>,
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Policy {
+    /// A policy that has not seen the namespaces yet.
+    pub fn new() -> Self {
+        Self {
+            state: Arc::default(),
+            synced: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Whether token-less requests from pods of `namespace` are refused. Before the first list has
+    /// been applied it waits until `deadline`, then answers `true`.
+    pub async fn requires_v2(&self, namespace: &str, deadline: Instant) -> bool {
+        let mut synced = self.synced.subscribe();
+        let ready = tokio::time::timeout_at(deadline, synced.wait_for(|s| *s)).await;
+        if !matches!(ready, Ok(Ok(_))) {
+            return true;
+        }
+        self.read().required.contains(namespace)
+    }
+
+    /// Replaces everything with a full list, and marks the policy synced.
+    pub fn replace(&self, namespaces: &[Namespace]) {
+        let required = namespaces.iter().filter(|ns| requires(ns)).filter_map(name).collect();
+        self.write().required = required;
+        self.synced.send_replace(true);
+    }
+
+    /// Applies one added or changed namespace.
+    pub fn apply(&self, namespace: &Namespace) {
+        let Some(name) = name(namespace) else { return };
+        let mut state = self.write();
+        if requires(namespace) {
+            state.required.insert(name);
+        } else {
+            state.required.remove(&name);
+        }
+    }
+
+    /// Forgets a deleted namespace.
+    pub fn delete(&self, namespace: &Namespace) {
+        if let Some(name) = name(namespace) {
+            self.write().required.remove(&name);
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().expect("policy lock poisoned: a writer panicked")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().expect("policy lock poisoned: a writer panicked")
+    }
+}
+
+fn name(namespace: &Namespace) -> Option<String> {
+    namespace.metadata.name.clone()
+}
+
+fn requires(namespace: &Namespace) -> bool {
+    let value = namespace
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(IMDSV2_ANNOTATION));
+    match value.map(|v| v.trim().to_ascii_lowercase()) {
+        None => false,
+        Some(v) if v == "optional" => false,
+        Some(v) if v == "required" => true,
+        Some(other) => {
+            tracing::warn!(
+                namespace = name(namespace).as_deref().unwrap_or_default(),
+                value = %other,
+                "unknown {IMDSV2_ANNOTATION} value; requiring IMDSv2"
+            );
+            true
+        }
+    }
+}
+
+/// Watches all Namespaces into a [`Policy`].
+pub struct Watcher {
+    pub client: kube::Client,
+    pub policy: Policy,
+}
+
+impl Watcher {
+    /// Watches until `shutdown` is cancelled; the watcher re-lists and backs off on its own.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let events = watcher::watcher(Api::<Namespace>::all(self.client), watcher::Config::default()).default_backoff();
+        let mut events = std::pin::pin!(events);
+        let mut buffer = Vec::new();
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = events.next() => next,
+            };
+            match next {
+                None => return,
+                Some(Err(error)) => tracing::warn!(%error, "namespace watch failed; retrying with backoff"),
+                Some(Ok(Event::Init)) => buffer.clear(),
+                Some(Ok(Event::InitApply(ns))) => buffer.push(ns),
+                Some(Ok(Event::InitDone)) => self.policy.replace(&std::mem::take(&mut buffer)),
+                Some(Ok(Event::Apply(ns))) => self.policy.apply(&ns),
+                Some(Ok(Event::Delete(ns))) => self.policy.delete(&ns),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn namespace(name: &str, value: Option<&str>) -> Namespace {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.to_owned());
+        ns.metadata.annotations = value.map(|v| [(IMDSV2_ANNOTATION.to_owned(), v.to_owned())].into());
+        ns
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn annotated_namespaces_require_imdsv2_and_unknown_values_fail_closed() {
+        let policy = Policy::new();
+        policy.replace(&[
+            namespace("strict", Some("required")),
+            namespace("loose", Some("optional")),
+            namespace("plain", None),
+            namespace("typo", Some("requierd")),
+        ]);
+        let at = Instant::now();
+        assert!(policy.requires_v2("strict", at).await);
+        assert!(policy.requires_v2("typo", at).await);
+        assert!(!policy.requires_v2("loose", at).await);
+        assert!(!policy.requires_v2("plain", at).await);
+        policy.apply(&namespace("plain", Some("Required")));
+        assert!(policy.requires_v2("plain", at).await);
+        policy.delete(&namespace("plain", None));
+        assert!(!policy.requires_v2("plain", at).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_first_list_every_namespace_requires_imdsv2_after_a_bounded_wait() {
+        let policy = Policy::new();
+        let started = Instant::now();
+        assert!(policy.requires_v2("plain", started + Duration::from_millis(200)).await);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+}
