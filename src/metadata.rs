@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-/// The real IMDS, probed by `--upstream-imds auto`.
-pub const EC2_IMDS: &str = "http://169.254.169.254";
+/// The real IMDS, probed by `--upstream-imds auto` (never by the tests).
+pub const EC2_IMDS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254)), 80);
 
 /// What the default allow-list lets through, each for a named reader (see docs-notes/metadata.md).
 pub const DEFAULT_ALLOW: &[&str] = &[
@@ -57,7 +57,7 @@ pub const DENIED: &[&str] = &[
 pub enum Mode {
     /// No upstream: synthesise from flags (on-prem, or EC2 with the node's IMDS kept out of reach).
     None,
-    /// Probe [`EC2_IMDS`] with an IMDSv2 token request at start; fall back to `None` if it does not
+    /// Probe [`EC2_IMDS_ADDR`] with an IMDSv2 token request at start; fall back to `None` if it does not
     /// answer within [`PROBE_TIMEOUT`].
     Auto,
     /// Proxy allowed paths to this IMDS (`http://IP[:PORT]`).
@@ -241,26 +241,24 @@ pub enum Metadata {
 impl Metadata {
     /// Builds the source; `auto` probes the real IMDS here, once.
     pub async fn build(config: Config) -> Self {
+        Self::build_probing(config, EC2_IMDS_ADDR).await
+    }
+
+    /// [`Metadata::build`], with `auto` probing `probe` (tests probe loopback, never the real IMDS).
+    async fn build_probing(config: Config, probe: SocketAddr) -> Self {
         let upstream = match config.mode {
             Mode::None => None,
             Mode::Upstream(addr) => Some(addr),
             Mode::Auto => {
-                let addr = Mode::parse(EC2_IMDS).ok().and_then(|m| match m {
-                    Mode::Upstream(addr) => Some(addr),
-                    _ => None,
-                });
-                match addr {
-                    Some(addr) => match Upstream::new(addr, config.allow.clone(), PROBE_TIMEOUT)
-                        .token(None)
-                        .await
-                    {
-                        Ok(_) => Some(addr),
-                        Err(error) => {
-                            tracing::info!(%error, "no instance metadata service answered; synthesising metadata");
-                            None
-                        }
-                    },
-                    None => None,
+                match Upstream::new(probe, config.allow.clone(), PROBE_TIMEOUT)
+                    .token(None)
+                    .await
+                {
+                    Ok(_) => Some(probe),
+                    Err(error) => {
+                        tracing::info!(%error, "no instance metadata service answered; synthesising metadata");
+                        None
+                    }
                 }
             }
         };
@@ -630,6 +628,37 @@ mod tests {
         let now = Instant::now();
         assert_eq!(refresh_at(now, TOKEN_TTL), now + TOKEN_TTL - TOKEN_MARGIN);
         assert_eq!(refresh_at(now, Duration::from_secs(60)), now + Duration::from_secs(30));
+    }
+
+    fn auto() -> Config {
+        Config {
+            mode: Mode::Auto,
+            allow: Rules::default_allow(),
+            region: "eu-west-1".into(),
+            availability_zone: None,
+            node_name: "worker-7".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn auto_falls_back_to_synthetic_when_nothing_answers_and_proxies_when_an_imds_does() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert_eq!(Metadata::build_probing(auto(), closed).await.mode(), "synthetic");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0; 1024];
+            let _ = stream.read(&mut buf).await.unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\ntoken";
+            stream.write_all(answer).await.unwrap();
+        });
+        assert_eq!(Metadata::build_probing(auto(), addr).await.mode(), "upstream");
     }
 
     fn synthetic(zone: Option<&str>) -> Synthetic {
