@@ -134,6 +134,7 @@ impl Exchanger {
             session_token: Secret::new(creds.session_token),
             expiration,
             last_updated: OffsetDateTime::now_utc(),
+            rendered: Default::default(),
         })
     }
 }

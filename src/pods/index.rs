@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 
@@ -21,8 +22,8 @@ use crate::workload::Workload;
 /// What a caller's IP resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Exactly one pod owns the address.
-    Found(Workload),
+    /// Exactly one pod owns the address (shared, so a lookup copies nothing).
+    Found(Arc<Workload>),
     /// Several live pods claim the address; serving any of them could hand out another pod's role.
     Ambiguous(Vec<String>),
     /// No pod on this node has the address.
@@ -41,7 +42,7 @@ pub enum Change {
 /// IP → pod index plus the service accounts' role annotations.
 #[derive(Debug, Default)]
 pub struct Index {
-    pods: HashMap<String, Workload>,
+    pods: HashMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Vec<String>>,
     /// (namespace, name) → value of the IRSA annotation.
     service_accounts: HashMap<(String, String), Option<String>>,
@@ -128,18 +129,18 @@ impl Index {
         match (found.next(), found.next()) {
             (None, _) => Lookup::Unknown,
             (Some(one), None) => Lookup::Found(one.clone()),
-            _ => Lookup::Ambiguous(owners().map(Workload::key).collect()),
+            _ => Lookup::Ambiguous(owners().map(|w| w.key()).collect()),
         }
     }
 
     /// The workload with this UID.
     pub fn get(&self, uid: &str) -> Option<&Workload> {
-        self.pods.get(uid)
+        self.pods.get(uid).map(|w| &**w)
     }
 
     /// Every indexed workload.
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.pods.values()
+        self.pods.values().map(|w| &**w)
     }
 
     /// Applies an added or modified pod.
@@ -166,8 +167,9 @@ impl Index {
                 seen.insert(uid.clone());
             }
             let before = pod.metadata.uid.as_ref().and_then(|u| self.pods.get(u)).cloned();
+            let before = before.as_deref();
             if let Some(change) = self.apply_pod(pod) {
-                let unchanged = matches!((&before, &change), (Some(b), Change::Upserted(a)) if a == b);
+                let unchanged = matches!((before, &change), (Some(b), Change::Upserted(a)) if a == b);
                 if !unchanged {
                     changes.push(change);
                 }
@@ -237,8 +239,8 @@ impl Index {
             .values_mut()
             .filter(|w| w.namespace == namespace && w.service_account == name && w.service_account_role != role)
             .map(|w| {
-                w.service_account_role = role.clone();
-                Change::Upserted(w.clone())
+                Arc::make_mut(w).service_account_role = role.clone();
+                Change::Upserted((**w).clone())
             })
             .collect()
     }
@@ -265,7 +267,7 @@ impl Index {
                 uids.push(workload.uid.clone());
             }
         }
-        self.pods.insert(workload.uid.clone(), workload.clone());
+        self.pods.insert(workload.uid.clone(), Arc::new(workload.clone()));
         Change::Upserted(workload)
     }
 
@@ -330,7 +332,7 @@ pub(crate) mod tests {
 
     fn found_uid(index: &Index, addr: &str) -> Option<String> {
         match index.lookup(ip(addr)) {
-            Lookup::Found(w) => Some(w.uid),
+            Lookup::Found(w) => Some(w.uid.clone()),
             _ => None,
         }
     }

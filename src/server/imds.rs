@@ -292,7 +292,7 @@ impl Imds {
             Route::RoleDocument(_) => match self.cache.get(&workload, &role).await {
                 Ok(credentials) => Ok(response::text(
                     http::StatusCode::OK,
-                    response::credentials_document(&credentials),
+                    credentials.rendered.get_or_init(|| response::credentials_document(&credentials).into()).clone(),
                 )),
                 Err(error) if error.is_transient() => Err(Failure::Unavailable),
                 Err(error) => Err(Failure::Refused { role, error }),
@@ -300,7 +300,7 @@ impl Imds {
         }
     }
 
-    async fn caller(&self, peer: IpAddr) -> Result<Workload, Failure> {
+    async fn caller(&self, peer: IpAddr) -> Result<Arc<Workload>, Failure> {
         match self
             .store
             .lookup_or_wait(peer, Instant::now() + self.config.pod_wait)

@@ -189,8 +189,8 @@ pub fn metadata(answer: crate::metadata::Answer) -> Response<Body> {
 }
 
 /// A `text/plain` document.
-pub fn text(status: StatusCode, body: String) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     decorate(&mut response);
     response
@@ -245,6 +245,7 @@ mod tests {
             session_token: Secret::new("token"),
             expiration: datetime!(2017-05-17 15:09:54 UTC),
             last_updated: datetime!(2012-04-26 16:39:16 UTC),
+            rendered: Default::default(),
         };
         assert_eq!(
             credentials_document(&creds),
