@@ -27,7 +27,7 @@ use tokio::time::Instant;
 /// The real IMDS, probed by `--upstream-imds auto` (never by the tests).
 pub const EC2_IMDS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254)), 80);
 
-/// What the default allow-list lets through, each for a named reader (see docs-notes/metadata.md).
+/// What the default allow-list lets through, each for a named reader (see the README, "Metadata besides credentials").
 pub const DEFAULT_ALLOW: &[&str] = &[
     // Region and zone: the Rust SDK reads placement/region; botocore and the C++ SDK derive the region
     // from availability-zone; zone ids are what cross-account tooling compares.
