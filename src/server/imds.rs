@@ -292,7 +292,10 @@ impl Imds {
             Route::RoleDocument(_) => match self.cache.get(&workload, &role).await {
                 Ok(credentials) => Ok(response::text(
                     http::StatusCode::OK,
-                    credentials.rendered.get_or_init(|| response::credentials_document(&credentials).into()).clone(),
+                    credentials
+                        .rendered
+                        .get_or_init(|| response::credentials_document(&credentials).into())
+                        .clone(),
                 )),
                 Err(error) if error.is_transient() => Err(Failure::Unavailable),
                 Err(error) => Err(Failure::Refused { role, error }),
