@@ -10,6 +10,8 @@
 //! The ready file (written atomically once both listen) is `{"kube": url, "sts": url, "issuer": ...}`.
 //! Control over HTTP: see `FakeKube` and `FakeSts` (`/_double/...` on each).
 
+#[path = "form.rs"]
+mod form;
 #[allow(dead_code)]
 #[path = "jwt.rs"]
 mod jwt;

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod fixtures;
+pub mod form;
 pub mod jwt;
 pub mod kube;
 pub mod logs;

@@ -274,38 +274,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<StsShared>) {
     }
 }
 
-fn parse_form(form: &str) -> HashMap<String, String> {
-    form.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -404,8 +372,8 @@ async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body
     if path != "/" || !(method == Method::POST || method == Method::GET) {
         return StsError::new(404, "UnknownOperationException", "Unknown operation").response(&request_id);
     }
-    let mut params = parse_form(&query);
-    params.extend(parse_form(&String::from_utf8_lossy(&body)));
+    let mut params = super::form::parse(&query);
+    params.extend(super::form::parse(&String::from_utf8_lossy(&body)));
     match params.get("Action").map(String::as_str) {
         Some("AssumeRoleWithWebIdentity") => {}
         Some(other) => {
@@ -667,7 +635,7 @@ fn control(shared: &StsShared, method: &Method, rest: &str, query: &str, body: &
             )
         }
         (&Method::GET, "whois") => {
-            let key = parse_form(query).remove("access_key_id").unwrap_or_default();
+            let key = super::form::parse(query).remove("access_key_id").unwrap_or_default();
             let st = shared.lock();
             match st.by_key.get(&key) {
                 Some(&i) => json_response(200, &json!(st.issued[i])),
