@@ -335,3 +335,25 @@ async fn sessions_are_refreshed_before_they_get_old() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_pod_annotation_change_takes_effect_without_a_restart() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("before"));
+    cluster.sts.trust_any(&role("after"));
+    let before = pod("p", "127.0.0.18").role("before");
+    cluster.add_pod(&before);
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.0.18");
+    assert_eq!(caller.get(CREDS, &[]).await.text(), "before");
+    cluster.add_pod(&before.clone().annotation("iam.amazonaws.com/role", "after"));
+    eventually("the new role is listed", || async {
+        caller.get(CREDS, &[]).await.text() == "after"
+    })
+    .await;
+    assert_eq!(
+        caller.get(&format!("{CREDS}before"), &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(caller.get(&format!("{CREDS}after"), &[]).await.status, StatusCode::OK);
+}
