@@ -150,7 +150,14 @@ impl App {
         let cache_task = tokio::spawn(self.cache.run(self.events, ready_tx.clone(), background.clone()));
         // The capture rules are never removed here: while the agent is down pods must be refused, not
         // reach the node's own metadata service.
-        let netfilter_task = self.netfilter.map(|n| tokio::spawn(n.run(background.clone())));
+        // With --iptables, readiness also waits for the capture rule: before it exists, pods would reach
+        // the node's own metadata service.
+        let mut ready = vec![ready];
+        let netfilter_task = self.netfilter.map(|n| {
+            let (installed_tx, installed) = watch::channel(false);
+            ready.push(installed);
+            tokio::spawn(n.run(installed_tx, background.clone()))
+        });
 
         let imds = self.imds.clone();
         let imds_task = tokio::spawn(server::serve(

@@ -425,7 +425,8 @@ impl<B: Backend> Reconciler<B> {
     }
 
     /// Ensures the rules now and then every `reconcile_interval` until `shutdown`; never removes them.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// `installed` is true while the last pass left the rules in place.
+    pub async fn run(self, installed: tokio::sync::watch::Sender<bool>, shutdown: CancellationToken) {
         let mut interval = tokio::time::interval(self.config.reconcile_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = true;
@@ -457,6 +458,7 @@ impl<B: Backend> Reconciler<B> {
                 Ok(Outcome::Unchanged) => tracing::debug!(chain = CHAIN, "iptables capture in place"),
                 Err(error) => tracing::error!(%error, kind = error.kind(), "iptables reconcile failed"),
             }
+            installed.send_replace(result.is_ok());
             if result.is_ok() {
                 first = false;
             }
@@ -961,7 +963,8 @@ mod tests {
         config.reconcile_interval = Duration::from_secs(1);
         let reconciler = Reconciler::build(config, Shared(fake.clone()), &registry).unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(reconciler.run(shutdown.clone()));
+        let (installed_tx, mut installed) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(reconciler.run(installed_tx, shutdown.clone()));
         let count = |name: &str| -> u64 {
             registry
                 .gather()
@@ -984,6 +987,10 @@ mod tests {
             }
         };
         wait_for("imds_broker_iptables_reconciles_total", 1).await;
+        tokio::time::timeout(Duration::from_secs(10), installed.wait_for(|i| *i))
+            .await
+            .expect("the first pass reports the rules installed")
+            .unwrap();
         assert_eq!(count("imds_broker_iptables_repairs_total"), 0);
         fake.set_chain("iptables", "PREROUTING", vec![]);
         wait_for("imds_broker_iptables_repairs_total", 1).await;

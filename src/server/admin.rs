@@ -1,5 +1,6 @@
 //! The admin endpoint, on its own port: `/healthz` (the process serves), `/readyz` (the pod index is
-//! synced and the first prefetch attempted) and `/metrics` (Prometheus text format).
+//! synced, the first prefetch attempted and, with `--iptables`, the capture rule in place) and
+//! `/metrics` (Prometheus text format).
 
 use http::{Response, StatusCode, header};
 use prometheus::Registry;
@@ -10,7 +11,8 @@ use super::response::Body;
 /// The admin request handler.
 pub struct Admin {
     pub registry: Registry,
-    pub ready: watch::Receiver<bool>,
+    /// Ready when every one of these is true (the pod index and prefetch; the capture rule, if managed).
+    pub ready: Vec<watch::Receiver<bool>>,
 }
 
 impl Admin {
@@ -18,10 +20,10 @@ impl Admin {
     pub fn handle(&self, path: &str) -> Response<Body> {
         match path {
             "/healthz" => plain(StatusCode::OK, "ok\n".to_owned()),
-            "/readyz" if *self.ready.borrow() => plain(StatusCode::OK, "ready\n".to_owned()),
+            "/readyz" if self.ready.iter().all(|r| *r.borrow()) => plain(StatusCode::OK, "ready\n".to_owned()),
             "/readyz" => plain(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: pod index not synced yet\n".to_owned(),
+                "not ready: pod index not synced, or capture rule not installed\n".to_owned(),
             ),
             "/metrics" => {
                 let mut response = plain(StatusCode::OK, crate::metrics::encode(&self.registry));
