@@ -8,7 +8,7 @@
 //! - when to refresh is decided by [`schedule`], a pure function;
 //! - the key includes the pod UID, so a new pod reusing an IP never sees an old pod's session.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,6 +169,9 @@ struct Inner {
     store: Store,
     metrics: Metrics,
     refreshing: Mutex<HashSet<Key>>,
+    /// Which roles each pod has sessions for, so eviction touches exactly those keys (moka's predicate
+    /// invalidation would scan every entry for every pod event).
+    roles_by_pod: Mutex<HashMap<String, Vec<RoleArn>>>,
     background: Semaphore,
 }
 
@@ -202,7 +205,6 @@ impl Cache {
         let entries = moka::future::Cache::builder()
             // A safety net for memory only; expiry by `serve_until` is checked on every read.
             .time_to_live(Duration::from_secs(12 * 3600 + 60))
-            .support_invalidation_closures()
             .build();
         let background = Semaphore::new(config.background_concurrency.max(1));
         Self {
@@ -215,6 +217,7 @@ impl Cache {
                 store,
                 metrics,
                 refreshing: Mutex::default(),
+                roles_by_pod: Mutex::default(),
                 background,
             }),
         }
@@ -288,6 +291,13 @@ impl Cache {
             Err(e) => e.kind(),
         };
         inner.metrics.fetches.with_label_values(&[cause.label(), outcome]).inc();
+        if result.is_ok() {
+            let mut roles = inner.roles_by_pod.lock().expect("role map poisoned");
+            let roles = roles.entry(workload.uid.clone()).or_default();
+            if !roles.contains(role) {
+                roles.push(role.clone());
+            }
+        }
         match &result {
             Ok(entry) => tracing::info!(
                 pod = %workload.key(), role = %role, cause = cause.label(),
@@ -333,13 +343,26 @@ impl Cache {
     }
 
     /// Drops every session of pod `uid`, except the one for `keep`.
-    fn evict(&self, uid: &str, keep: Option<RoleArn>) {
-        let uid = uid.to_owned();
-        // Fails only when invalidation closures are not enabled, which `new` does.
-        let _ = self
-            .inner
-            .entries
-            .invalidate_entries_if(move |k, _| k.uid == uid && Some(&k.role) != keep.as_ref());
+    async fn evict(&self, uid: &str, keep: Option<&RoleArn>) {
+        let stale: Vec<RoleArn> = {
+            let mut by_pod = self.inner.roles_by_pod.lock().expect("role map poisoned");
+            let Some(roles) = by_pod.get_mut(uid) else { return };
+            let (kept, stale) = roles.drain(..).partition(|r| Some(r) == keep);
+            *roles = kept;
+            if roles.is_empty() {
+                by_pod.remove(uid);
+            }
+            stale
+        };
+        for role in stale {
+            self.inner
+                .entries
+                .invalidate(&Key {
+                    uid: uid.to_owned(),
+                    role,
+                })
+                .await;
+        }
     }
 
     /// Number of cached sessions (approximate: moka counts lazily).
@@ -380,21 +403,21 @@ impl Cache {
                             waiting_for_prefetch = true;
                         }
                     }
-                    Some(Event::Changed(change)) => self.apply(change, &mut prefetches),
+                    Some(Event::Changed(change)) => self.apply(change, &mut prefetches).await,
                 },
             }
         }
     }
 
-    fn apply(&self, change: Change, prefetches: &mut JoinSet<()>) {
+    async fn apply(&self, change: Change, prefetches: &mut JoinSet<()>) {
         match change {
             Change::Removed { uid, key } => {
                 tracing::debug!(pod = %key, "pod gone; evicting its sessions");
-                self.evict(&uid, None);
+                self.evict(&uid, None).await;
             }
             Change::Upserted(workload) => match self.inner.resolver.resolve(&workload) {
                 Ok(Some(role)) => {
-                    self.evict(&workload.uid, Some(role.clone()));
+                    self.evict(&workload.uid, Some(&role)).await;
                     if workload.running && !workload.terminating && !workload.ips.is_empty() {
                         let this = self.clone();
                         prefetches.spawn(async move {
@@ -403,10 +426,10 @@ impl Cache {
                         });
                     }
                 }
-                Ok(None) => self.evict(&workload.uid, None),
+                Ok(None) => self.evict(&workload.uid, None).await,
                 Err(error) => {
                     tracing::warn!(pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
-                    self.evict(&workload.uid, None);
+                    self.evict(&workload.uid, None).await;
                 }
             },
         }
