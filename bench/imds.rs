@@ -20,10 +20,10 @@ mod scenarios;
 #[path = "../tests/support"]
 #[allow(dead_code)]
 mod support {
-    pub mod form;
     pub mod jwt;
     pub mod kube;
     pub mod sts;
+    pub mod wire;
 }
 
 use std::path::PathBuf;

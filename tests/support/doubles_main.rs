@@ -10,8 +10,6 @@
 //! The ready file (written atomically once both listen) is `{"kube": url, "sts": url, "issuer": ...}`.
 //! Control over HTTP: see `FakeKube` and `FakeSts` (`/_double/...` on each).
 
-#[path = "form.rs"]
-mod form;
 #[allow(dead_code)]
 #[path = "jwt.rs"]
 mod jwt;
@@ -21,6 +19,8 @@ mod kube;
 #[allow(dead_code)]
 #[path = "sts.rs"]
 mod sts;
+#[path = "wire.rs"]
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

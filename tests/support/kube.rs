@@ -32,10 +32,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
@@ -249,7 +246,10 @@ impl FakeKube {
             issuer: jwt::DEFAULT_ISSUER.to_owned(),
             url: format!("http://{addr}"),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = tokio::spawn(super::wire::serve(listener, Some(shared.shutdown.subscribe()), {
+            let shared = shared.clone();
+            move |req| handle(shared.clone(), req)
+        }));
         Ok(Self { shared, addr, accept })
     }
 
@@ -981,30 +981,6 @@ fn parse_label_selector(selector: &str) -> Result<Vec<LabelRequirement>, ApiErro
 // ---------------------------------------------------------------------------------------------------
 // HTTP plumbing
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        let mut shutdown = shared.shutdown.subscribe();
-        tokio::spawn(async move {
-            let service = {
-                let shared = shared.clone();
-                service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(shared, req).await) }
-                })
-            };
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        });
-    }
-}
-
 fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).boxed_unsync()
 }
@@ -1104,7 +1080,7 @@ impl ApiError {
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let query = super::form::parse(req.uri().query().unwrap_or_default());
+    let query = super::wire::parse(req.uri().query().unwrap_or_default());
     if !path.starts_with("/_double/") {
         shared.requests.fetch_add(1, Ordering::SeqCst);
         let mut st = shared.lock();

@@ -3,13 +3,13 @@
 
 pub mod agent;
 pub mod fixtures;
-pub mod form;
 pub mod jwt;
 pub mod kube;
 pub mod logs;
 pub mod python;
 pub mod sts;
 pub mod upstream;
+pub mod wire;
 
 use agent::Agent;
 use kube::{PodFixture, ServiceAccountFixture};

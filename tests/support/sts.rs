@@ -12,7 +12,6 @@
 //! [`FakeSts`]). Tokens and secrets are never logged.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,10 +21,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -152,7 +148,10 @@ impl FakeSts {
             }),
             shutdown: watch::Sender::new(false),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = tokio::spawn(super::wire::serve(listener, Some(shared.shutdown.subscribe()), {
+            let shared = shared.clone();
+            move |req| handle(shared.clone(), req)
+        }));
         Ok(Self { shared, addr, accept })
     }
 
@@ -249,30 +248,6 @@ impl FakeSts {
 // HTTP plumbing
 
 type Body = Full<Bytes>;
-
-async fn accept_loop(listener: TcpListener, shared: Arc<StsShared>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        let mut shutdown = shared.shutdown.subscribe();
-        tokio::spawn(async move {
-            let service = {
-                let shared = shared.clone();
-                service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(shared, req).await) }
-                })
-            };
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        });
-    }
-}
 
 fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -372,8 +347,8 @@ async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body
     if path != "/" || !(method == Method::POST || method == Method::GET) {
         return StsError::new(404, "UnknownOperationException", "Unknown operation").response(&request_id);
     }
-    let mut params = super::form::parse(&query);
-    params.extend(super::form::parse(&String::from_utf8_lossy(&body)));
+    let mut params = super::wire::parse(&query);
+    params.extend(super::wire::parse(&String::from_utf8_lossy(&body)));
     match params.get("Action").map(String::as_str) {
         Some("AssumeRoleWithWebIdentity") => {}
         Some(other) => {
@@ -635,7 +610,7 @@ fn control(shared: &StsShared, method: &Method, rest: &str, query: &str, body: &
             )
         }
         (&Method::GET, "whois") => {
-            let key = super::form::parse(query).remove("access_key_id").unwrap_or_default();
+            let key = super::wire::parse(query).remove("access_key_id").unwrap_or_default();
             let st = shared.lock();
             match st.by_key.get(&key) {
                 Some(&i) => json_response(200, &json!(st.issued[i])),

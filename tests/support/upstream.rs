@@ -8,17 +8,13 @@
 //! exercise the agent's one re-fetch.
 
 use std::collections::{BTreeMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -89,7 +85,10 @@ impl FakeImds {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the IMDS double");
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State::default()));
-        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        let task = tokio::spawn(super::wire::serve(listener, None, {
+            let state = state.clone();
+            move |request| std::future::ready(handle(&state, request))
+        }));
         Self { addr, state, task }
     }
 
@@ -115,24 +114,6 @@ impl FakeImds {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("IMDS double state")
-    }
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request)) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 
