@@ -329,17 +329,19 @@ impl Cache {
             let _permit = this.inner.background.acquire().await;
             if let Ok(entry) = this.fetch(&workload, &key.role, Cause::Refresh).await {
                 // Only replace what is still wanted: the pod may have gone or changed role meanwhile.
-                let still_wanted = this
-                    .inner
-                    .store
-                    .read(|i| i.get(&key.uid).cloned())
-                    .is_some_and(|w| this.inner.resolver.resolve(&w).ok().flatten().as_ref() == Some(&key.role));
-                if still_wanted {
+                if this.wanting(&key).is_some() {
                     this.inner.entries.insert(key.clone(), entry).await;
                 }
             }
             this.inner.refreshing.lock().expect("refresh set poisoned").remove(&key);
         });
+    }
+
+    /// The pod of `key`, if it still exists and still resolves to `key`'s role.
+    fn wanting(&self, key: &Key) -> Option<Workload> {
+        let workload = self.inner.store.read(|i| i.get(&key.uid).cloned())?;
+        let role = self.inner.resolver.resolve(&workload).ok().flatten()?;
+        (role == key.role).then_some(workload)
     }
 
     /// Drops every session of pod `uid`, except the one for `keep`.
@@ -418,7 +420,12 @@ impl Cache {
             Change::Upserted(workload) => match self.inner.resolver.resolve(&workload) {
                 Ok(Some(role)) => {
                     self.evict(&workload.uid, Some(&role)).await;
-                    if workload.running && !workload.terminating && !workload.ips.is_empty() {
+                    // Most pod events are status updates of a pod already served: nothing to fetch then.
+                    let cached = self.inner.entries.contains_key(&Key {
+                        uid: workload.uid.clone(),
+                        role: role.clone(),
+                    });
+                    if workload.running && !workload.terminating && !workload.ips.is_empty() && !cached {
                         let this = self.clone();
                         prefetches.spawn(async move {
                             let _permit = this.inner.background.acquire().await;
@@ -446,12 +453,9 @@ impl Cache {
             .map(|(key, _)| (*key).clone())
             .collect();
         for key in due {
-            let workload = self.inner.store.read(|i| i.get(&key.uid).cloned());
-            match workload {
-                Some(w) if self.inner.resolver.resolve(&w).ok().flatten().as_ref() == Some(&key.role) => {
-                    self.spawn_refresh(key, w)
-                }
-                _ => self.inner.entries.invalidate(&key).await,
+            match self.wanting(&key) {
+                Some(workload) => self.spawn_refresh(key, workload),
+                None => self.inner.entries.invalidate(&key).await,
             }
         }
     }
