@@ -27,8 +27,7 @@ pub struct Agent {
 }
 
 /// Parses agent flags the way the binary does, plus `extra`.
-pub fn config(kube_url: &str, sts_url: &str, extra: &[&str]) -> Config {
-    let _ = kube_url;
+pub fn config(sts_url: &str, extra: &[&str]) -> Config {
     let mut argv = vec![
         "imds-broker",
         "--node-name",
@@ -54,7 +53,7 @@ pub fn config(kube_url: &str, sts_url: &str, extra: &[&str]) -> Config {
 
 /// Starts the agent against the kube double at `kube_url` and waits until it is ready.
 pub async fn spawn_agent(kube_url: &str, sts_url: &str, extra: &[&str]) -> Agent {
-    let config = config(kube_url, sts_url, extra);
+    let config = config(sts_url, extra);
     let client = kube::Client::try_from(kube::Config::new(kube_url.parse().expect("kube url"))).expect("kube client");
     let app = App::build(config, client).await.expect("agent builds");
     let (imds, admin) = (app.imds_addr(), app.admin_addr());
