@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use http::StatusCode;
-use imds_broker::credentials::schedule;
+use imds_broker::credentials::schedule::schedule;
 
 use crate::agent::{Agent, Memory};
 use crate::ceiling::Ceiling;
@@ -486,10 +486,11 @@ pub async fn upstream(sizes: &Sizes) -> Upstream {
     let session = Duration::from_secs(3600);
     let min_remaining = Duration::from_secs(3540);
     let check_interval = Duration::from_secs(1);
-    let refresh_after = schedule(session, min_remaining)
+    // Refreshes are jittered over the last fifth of their span; 0.5 is the mean.
+    let refresh_after = schedule(session, min_remaining, Duration::from_secs(300), 0.5)
         .expect("a servable session")
         .refresh_after;
-    let real_refresh_after = schedule(session, Duration::from_secs(900))
+    let real_refresh_after = schedule(session, Duration::from_secs(900), Duration::from_secs(300), 0.5)
         .expect("a servable session")
         .refresh_after;
     let doubles = Doubles::start(STS_LATENCY).await;

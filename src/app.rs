@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -18,7 +18,7 @@ use crate::pods::Store;
 use crate::server::admin::Admin;
 use crate::server::imds::Imds;
 use crate::server::session::Sessions;
-use crate::{credentials, namespaces, netfilter, pods, server, sts, token};
+use crate::{credentials, namespaces, netfilter, pods, server, sts, token, watch};
 
 /// A built, not yet running agent.
 pub struct App {
@@ -45,14 +45,24 @@ impl App {
             .await
             .with_context(|| format!("binding the admin endpoint on {}", config.metrics_listen))?;
         let registry = crate::metrics::registry()?;
-        let store = Store::new();
+        let boot_time = match pods::boot_time() {
+            Ok(boot_time) => Some(boot_time),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the node's boot time from /proc/stat; pods from before a reboot cannot be told apart");
+                None
+            }
+        };
+        let store = Store::new(boot_time);
         let (events_tx, events) = mpsc::channel(1024);
+        let watch_metrics = watch::Metrics::register(&registry)?;
         let watcher = pods::watch::Watcher {
             client: client.clone(),
             node_name: config.node_name.clone(),
             store: store.clone(),
             events: events_tx,
             metrics: pods::watch::Metrics::register(&registry)?,
+            watch_config: config.watch.clone(),
+            watch_metrics: watch_metrics.clone(),
         };
         let cache = Cache::new(
             config.credentials.clone(),
@@ -84,6 +94,8 @@ impl App {
         let namespace_watcher = namespaces::Watcher {
             client: client.clone(),
             policy: namespace_policy.clone(),
+            watch_config: config.watch.clone(),
+            watch_metrics,
         };
         let imds = Arc::new(Imds {
             config: config.imds.clone(),
@@ -128,14 +140,9 @@ impl App {
             .expect("a bound listener has an address")
     }
 
-    /// The pod index (read-only use in tests and benchmarks).
-    pub fn store(&self) -> Store {
-        self.store.clone()
-    }
-
     /// Runs until `shutdown` is cancelled, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (ready_tx, ready) = watch::channel(false);
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let grace = self.config.shutdown_grace;
         tracing::info!(
             imds = %self.imds_addr(), admin = %self.admin_addr(), node = %self.config.node_name,
@@ -152,9 +159,11 @@ impl App {
         // reach the node's own metadata service.
         // With --iptables, readiness also waits for the capture rule: before it exists, pods would reach
         // the node's own metadata service.
-        let mut ready = vec![ready];
+        // Readiness also follows the view: not ready while pods, service accounts or namespaces are
+        // being relisted after missed events.
+        let mut ready = vec![ready, self.store.whole(), self.imds.namespaces.synced()];
         let netfilter_task = self.netfilter.map(|n| {
-            let (installed_tx, installed) = watch::channel(false);
+            let (installed_tx, installed) = tokio::sync::watch::channel(false);
             ready.push(installed);
             tokio::spawn(n.run(installed_tx, background.clone()))
         });

@@ -10,7 +10,7 @@ use crate::roles::{BaseArn, Resolver};
 use crate::server::imds::Imdsv2;
 use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
-use crate::{credentials, metadata, netfilter, server, sts, token};
+use crate::{credentials, metadata, netfilter, server, sts, token, watch};
 
 /// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
@@ -105,9 +105,27 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_REFRESH_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub refresh_check_interval: Duration,
 
-    /// How many prefetches and refreshes run at once (protects STS and the API server).
-    #[arg(long, env = "IMDS_BROKER_BACKGROUND_CONCURRENCY", default_value_t = 8)]
-    pub background_concurrency: usize,
+    /// While refreshes fail, credentials are still served until this long before they expire (real
+    /// IMDS serves its current credentials through trouble too). Must be less than
+    /// --credential-min-remaining.
+    #[arg(long, env = "IMDS_BROKER_CREDENTIAL_EXPIRY_MARGIN", default_value = "5m", value_parser = parse_duration)]
+    pub credential_expiry_margin: Duration,
+
+    /// How many exchanges (TokenRequest + AssumeRoleWithWebIdentity) run at once on this node; pods
+    /// waiting for their first credentials go first, then refreshes, then prefetches.
+    #[arg(long, env = "IMDS_BROKER_EXCHANGE_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub exchange_concurrency: u16,
+
+    /// How many exchanges start per second on this node, at most (bursts of one second's worth).
+    #[arg(long, env = "IMDS_BROKER_EXCHANGE_RATE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub exchange_rate: u32,
+
+    /// A watch that delivers nothing (no event, no bookmark) for this long is presumed dead and
+    /// relisted. The API server sends bookmarks about once a minute.
+    #[arg(long, env = "IMDS_BROKER_WATCH_IDLE_TIMEOUT", default_value = "3m", value_parser = parse_duration)]
+    pub watch_idle_timeout: Duration,
 
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
@@ -185,6 +203,10 @@ pub enum Error {
     NodeName,
     #[error("--session-duration {session:?} must exceed --credential-min-remaining {min:?}")]
     SessionTooShort { session: Duration, min: Duration },
+    #[error("--credential-expiry-margin {margin:?} must be less than --credential-min-remaining {min:?}")]
+    ExpiryMargin { margin: Duration, min: Duration },
+    #[error("--watch-idle-timeout {0:?} must be at least 10s (bookmarks come about once a minute)")]
+    WatchIdle(Duration),
     #[error("--region (or AWS_REGION) is required and must not be empty")]
     Region,
     #[error("--host-interface {value:?}: {reason}")]
@@ -221,6 +243,8 @@ pub struct Config {
     pub token: token::Config,
     pub sts: sts::Config,
     pub credentials: credentials::Config,
+    /// The list-then-watch loops.
+    pub watch: watch::Config,
     /// The iptables capture, when `--iptables` is set.
     pub netfilter: Option<netfilter::Config>,
     /// The metadata surface besides credentials.
@@ -269,6 +293,15 @@ impl Args {
                 min: self.credential_min_remaining,
             });
         }
+        if self.credential_expiry_margin >= self.credential_min_remaining {
+            return Err(Error::ExpiryMargin {
+                margin: self.credential_expiry_margin,
+                min: self.credential_min_remaining,
+            });
+        }
+        if self.watch_idle_timeout < Duration::from_secs(10) {
+            return Err(Error::WatchIdle(self.watch_idle_timeout));
+        }
         let netfilter = self.iptables.then(|| self.netfilter()).transpose()?;
         let metadata = self.metadata(&node_name, &region)?;
         Ok(Config {
@@ -293,8 +326,14 @@ impl Args {
             },
             credentials: credentials::Config {
                 min_remaining: self.credential_min_remaining,
+                expiry_margin: self.credential_expiry_margin,
                 refresh_check_interval: self.refresh_check_interval,
-                background_concurrency: self.background_concurrency,
+                concurrency: usize::from(self.exchange_concurrency),
+                rate: f64::from(self.exchange_rate),
+            },
+            watch: watch::Config {
+                idle: self.watch_idle_timeout,
+                page_size: 500,
             },
             netfilter,
             metadata,

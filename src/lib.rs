@@ -14,6 +14,7 @@
 //! - [`pods`], [`roles`], [`token`], [`sts`]: who is calling, which role, a pod-bound token, STS;
 //! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;
 //! - [`namespaces`]: which namespaces require IMDSv2 (a Namespace annotation);
+//! - [`watch`]: the list-then-watch loop under both watchers (410, idle watches, capped retries);
 //! - [`netfilter`]: the iptables rules that bring pods' metadata traffic to this agent;
 //! - [`workload`]: the shared vocabulary.
 #![forbid(unsafe_code)]
@@ -32,4 +33,5 @@ pub mod shutdown;
 pub mod sts;
 pub mod telemetry;
 pub mod token;
+pub mod watch;
 pub mod workload;

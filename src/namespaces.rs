@@ -8,13 +8,13 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::watch::{self, Update};
 
 /// The Namespace annotation read.
 pub const IMDSV2_ANNOTATION: &str = "imds-broker.io/imdsv2";
@@ -55,6 +55,28 @@ impl Policy {
             return true;
         }
         self.read().required.contains(namespace)
+    }
+
+    /// Whether the first list (or the relist after a 410) has been applied.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until `deadline` for the policy to be synced; true if it is.
+    pub async fn wait_synced(&self, deadline: Instant) -> bool {
+        let mut synced = self.synced.subscribe();
+        matches!(tokio::time::timeout_at(deadline, synced.wait_for(|s| *s)).await, Ok(Ok(_)))
+    }
+
+    /// Follows whether the policy is synced (for readiness).
+    pub fn synced(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.synced.subscribe()
+    }
+
+    /// Events were missed: not synced until the next full list.
+    pub fn unsync(&self) {
+        tracing::warn!("namespace events were missed (410 Gone): refusing requests until the relist completes");
+        self.synced.send_replace(false);
     }
 
     /// Replaces everything with a full list, and marks the policy synced.
@@ -120,29 +142,33 @@ fn requires(namespace: &Namespace) -> bool {
 pub struct Watcher {
     pub client: kube::Client,
     pub policy: Policy,
+    pub watch_config: watch::Config,
+    pub watch_metrics: watch::Metrics,
 }
 
 impl Watcher {
-    /// Watches until `shutdown` is cancelled; the watcher re-lists and backs off on its own.
+    /// Watches until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
-        let events = watcher::watcher(Api::<Namespace>::all(self.client), watcher::Config::default()).default_backoff();
-        let mut events = std::pin::pin!(events);
-        let mut buffer = Vec::new();
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return,
-                next = events.next() => next,
-            };
-            match next {
-                None => return,
-                Some(Err(error)) => tracing::warn!(%error, "namespace watch failed; retrying with backoff"),
-                Some(Ok(Event::Init)) => buffer.clear(),
-                Some(Ok(Event::InitApply(ns))) => buffer.push(ns),
-                Some(Ok(Event::InitDone)) => self.policy.replace(&std::mem::take(&mut buffer)),
-                Some(Ok(Event::Apply(ns))) => self.policy.apply(&ns),
-                Some(Ok(Event::Delete(ns))) => self.policy.delete(&ns),
+        let (tx, mut updates) = mpsc::channel(256);
+        let namespaces = watch::Watch {
+            api: Api::<Namespace>::all(self.client),
+            resource: "namespaces",
+            fields: None,
+            config: self.watch_config,
+            metrics: self.watch_metrics,
+        };
+        let apply = async {
+            while let Some(update) = updates.recv().await {
+                match update {
+                    Update::Stale => self.policy.unsync(),
+                    Update::Listed(all) => self.policy.replace(&all),
+                    Update::Applied(ns) => self.policy.apply(&ns),
+                    Update::Deleted(ns) => self.policy.delete(&ns),
+                    Update::Unreachable | Update::Reachable => {}
+                }
             }
-        }
+        };
+        tokio::join!(namespaces.run(tx, shutdown.clone()), apply);
     }
 }
 

@@ -4,6 +4,7 @@
 //! classified once, here: a refusal (the role does not trust this pod, the token is rejected) is final
 //! for this token; anything else (5xx, throttling, network) is transient.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sts::config::{BehaviorVersion, Region};
@@ -29,19 +30,29 @@ pub struct Config {
 /// Why STS gave no credentials.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// STS answered and refused: AccessDenied, InvalidIdentityToken, ExpiredToken, …
+    /// STS answered and refused: AccessDenied, InvalidIdentityToken, …
     #[error("STS refused AssumeRoleWithWebIdentity for {role}: {code}: {message}")]
     Refused {
         role: String,
         code: String,
         message: String,
     },
-    /// STS failed, throttled or could not be reached.
+    /// STS is throttling us (`Throttling`, `RequestLimitExceeded`): try again later, more slowly.
+    #[error("STS throttled AssumeRoleWithWebIdentity for {role}: {code}: {message}")]
+    Throttled {
+        role: String,
+        code: String,
+        message: String,
+    },
+    /// STS failed (5xx, an expired token, the IdP unreachable) or could not be reached.
     #[error("STS AssumeRoleWithWebIdentity for {role} failed: {code}: {message}")]
     Unavailable {
         role: String,
         code: String,
         message: String,
+        /// The SDK's error, when there is one (kept whole; shared because sessions are cloned).
+        #[source]
+        source: Option<Arc<SdkError<AssumeRoleWithWebIdentityError, HttpResponse>>>,
     },
     /// STS answered without usable credentials.
     #[error("STS answered AssumeRoleWithWebIdentity for {role} without credentials")]
@@ -52,20 +63,32 @@ impl Error {
     /// A closed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Refused { .. } => "refused",
-            Error::Unavailable { .. } => "unavailable",
-            Error::Malformed { .. } => "malformed",
+            Error::Refused { .. } => "sts_refused",
+            Error::Throttled { .. } => "sts_throttled",
+            Error::Unavailable { .. } => "sts_unavailable",
+            Error::Malformed { .. } => "sts_malformed",
+        }
+    }
+
+    /// True when trying again later may succeed without anything changing in IAM.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Throttled { .. } | Error::Unavailable { .. } => true,
+            Error::Refused { .. } | Error::Malformed { .. } => false,
         }
     }
 
     /// The AWS error code, for logs and error documents.
     pub fn code(&self) -> &str {
         match self {
-            Error::Refused { code, .. } | Error::Unavailable { code, .. } => code,
+            Error::Refused { code, .. } | Error::Throttled { code, .. } | Error::Unavailable { code, .. } => code,
             Error::Malformed { .. } => "MalformedResponse",
         }
     }
 }
+
+/// Error codes that mean "slow down".
+const THROTTLING_CODES: &[&str] = &["Throttling", "ThrottlingException", "RequestLimitExceeded"];
 
 /// Error codes that say "try again later" even on a 4xx status. An expired token is one of them: the
 /// next attempt mints a fresh token.
@@ -73,9 +96,6 @@ const TRANSIENT_CODES: &[&str] = &[
     "ExpiredTokenException",
     "ExpiredToken",
     "IDPCommunicationError",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
     "ServiceUnavailable",
     "InternalFailure",
 ];
@@ -134,40 +154,40 @@ impl Exchanger {
             session_token: Secret::new(creds.session_token),
             expiration,
             last_updated: OffsetDateTime::now_utc(),
-            rendered: Default::default(),
         })
     }
 }
 
 fn classify(role: &RoleArn, error: SdkError<AssumeRoleWithWebIdentityError, HttpResponse>) -> Error {
     let role = role.to_string();
-    match &error {
+    let (code, message) = match &error {
         SdkError::ServiceError(service) => {
             let err = service.err();
             let code = err.code().unwrap_or("Unknown").to_owned();
             let message = err.message().unwrap_or_default().to_owned();
-            if service.raw().status().is_server_error() || TRANSIENT_CODES.contains(&code.as_str()) {
-                Error::Unavailable { role, code, message }
-            } else {
-                Error::Refused { role, code, message }
+            if THROTTLING_CODES.contains(&code.as_str()) {
+                return Error::Throttled { role, code, message };
             }
+            if !service.raw().status().is_server_error() && !TRANSIENT_CODES.contains(&code.as_str()) {
+                return Error::Refused { role, code, message };
+            }
+            (code, message)
         }
-        SdkError::TimeoutError(_) => Error::Unavailable {
-            role,
-            code: "Timeout".to_owned(),
-            message: "no answer from STS in time".to_owned(),
-        },
-        SdkError::DispatchFailure(_) => Error::Unavailable {
-            role,
-            code: "DispatchFailure".to_owned(),
-            message: format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&error)),
-        },
-        _ => Error::Unavailable {
-            role,
-            code: "ResponseError".to_owned(),
-            message: format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&error)),
-        },
+        SdkError::TimeoutError(_) => ("Timeout".to_owned(), "no answer from STS in time".to_owned()),
+        SdkError::DispatchFailure(_) => ("DispatchFailure".to_owned(), context(&error)),
+        _ => ("ResponseError".to_owned(), context(&error)),
+    };
+    Error::Unavailable {
+        role,
+        code,
+        message,
+        source: Some(Arc::new(error)),
     }
+}
+
+/// The SDK error's whole chain in one line (endpoints and causes; never the request's token).
+fn context(error: &SdkError<AssumeRoleWithWebIdentityError, HttpResponse>) -> String {
+    format!("{}", aws_smithy_types::error::display::DisplayErrorContext(error))
 }
 
 /// The `RoleSessionName` for a pod: `<namespace>.<name>`, restricted to `[\w+=,.@-]` and at most 64

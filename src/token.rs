@@ -4,6 +4,9 @@
 //! is deleted, and STS sees a `sub` of the pod's own service account. Tokens are only ever handed to
 //! STS; they are wrapped in [`Secret`] and never logged.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
@@ -12,7 +15,7 @@ use kube::api::PostParams;
 use crate::workload::{Secret, Workload};
 
 /// The longest a TokenRequest may take, retries included.
-const MINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const MINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TokenRequest settings.
 #[derive(Debug, Clone)]
@@ -34,9 +37,19 @@ pub enum Error {
         reason: String,
         message: String,
     },
-    /// The API server could not be reached or failed.
-    #[error("TokenRequest for {service_account} failed: {message}")]
-    Unavailable { service_account: String, message: String },
+    /// The API server is throttling us (429): try again later.
+    #[error("TokenRequest for {service_account} throttled by the API server: {message}")]
+    Throttled { service_account: String, message: String },
+    /// The API server could not be reached or failed (5xx, transport).
+    #[error("TokenRequest for {service_account} failed")]
+    Unavailable {
+        service_account: String,
+        #[source]
+        source: Arc<kube::Error>,
+    },
+    /// No answer within [`MINT_TIMEOUT`].
+    #[error("TokenRequest for {service_account} got no answer within {after:?}")]
+    Timeout { service_account: String, after: Duration },
     /// The API server answered 2xx without a token.
     #[error("TokenRequest for {service_account} returned no token")]
     Empty { service_account: String },
@@ -46,9 +59,18 @@ impl Error {
     /// A closed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Refused { .. } => "refused",
-            Error::Unavailable { .. } => "unavailable",
-            Error::Empty { .. } => "empty",
+            Error::Refused { .. } => "token_refused",
+            Error::Throttled { .. } => "token_throttled",
+            Error::Unavailable { .. } | Error::Timeout { .. } => "token_unavailable",
+            Error::Empty { .. } => "token_empty",
+        }
+    }
+
+    /// True when trying again later may succeed without anything changing in Kubernetes.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Throttled { .. } | Error::Unavailable { .. } | Error::Timeout { .. } => true,
+            Error::Refused { .. } | Error::Empty { .. } => false,
         }
     }
 }
@@ -90,27 +112,38 @@ impl Minter {
         let call = api.create_token_request(&workload.service_account, &params, &request);
         let answer = tokio::time::timeout(MINT_TIMEOUT, call)
             .await
-            .map_err(|_| Error::Unavailable {
+            .map_err(|_| Error::Timeout {
                 service_account: service_account.clone(),
-                message: format!("no answer within {MINT_TIMEOUT:?}"),
+                after: MINT_TIMEOUT,
             })?
-            .map_err(|error| match error {
-                kube::Error::Api(status) if (400..500).contains(&status.code) => Error::Refused {
-                    service_account: service_account.clone(),
-                    status: status.code,
-                    reason: status.reason.clone(),
-                    message: status.message.clone(),
-                },
-                other => Error::Unavailable {
-                    service_account: service_account.clone(),
-                    message: other.to_string(),
-                },
-            })?;
+            .map_err(|error| classify(&service_account, error))?;
         answer
             .status
             .and_then(|s| s.token)
             .filter(|t| !t.is_empty())
             .map(Secret::new)
             .ok_or(Error::Empty { service_account })
+    }
+}
+
+/// Sorts a failed TokenRequest by what it means: 429 is throttling (transient, like 5xx); any other
+/// 4xx is the API server's final word on this pod.
+fn classify(service_account: &str, error: kube::Error) -> Error {
+    let service_account = service_account.to_owned();
+    match error {
+        kube::Error::Api(status) if status.code == 429 => Error::Throttled {
+            service_account,
+            message: status.message.clone(),
+        },
+        kube::Error::Api(status) if (400..500).contains(&status.code) => Error::Refused {
+            service_account,
+            status: status.code,
+            reason: status.reason.clone(),
+            message: status.message.clone(),
+        },
+        other => Error::Unavailable {
+            service_account,
+            source: Arc::new(other),
+        },
     }
 }

@@ -190,9 +190,6 @@ pub struct Credentials {
     pub expiration: OffsetDateTime,
     /// When the agent obtained them (IMDS's `LastUpdated`).
     pub last_updated: OffsetDateTime,
-    /// The wire form, rendered by the server on first use and then reused for every request of the
-    /// session, so a cache hit costs no formatting. Holds secrets: never logged (see `Debug`).
-    pub rendered: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl fmt::Debug for Credentials {
@@ -257,7 +254,6 @@ mod tests {
             session_token: Secret::new("session-token-value"),
             expiration: OffsetDateTime::UNIX_EPOCH,
             last_updated: OffsetDateTime::UNIX_EPOCH,
-            rendered: Default::default(),
         };
         let shown = format!("{creds:?} {:?}", Secret::new("x-secret"));
         assert!(!shown.contains("very-secret"));

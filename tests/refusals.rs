@@ -4,6 +4,7 @@
 use http::{Method, StatusCode};
 
 use crate::support::Cluster;
+use crate::support::agent::eventually;
 use crate::support::fixtures::{pod, role, service_account};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -100,9 +101,12 @@ async fn an_sts_outage_is_503_so_sdks_retry() {
     let caller = agent.from("127.0.0.35");
     let reply = caller.get(&format!("{CREDS}app"), &[]).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    // Once STS is back, the next request succeeds: failures are not cached.
+    // Once STS is back, a request after the (remembered, backed-off) failure succeeds.
     cluster.sts.set_failure(None);
-    assert_eq!(caller.get(&format!("{CREDS}app"), &[]).await.status, StatusCode::OK);
+    eventually("credentials once STS is back", || async {
+        caller.get(&format!("{CREDS}app"), &[]).await.status == StatusCode::OK
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -222,8 +226,9 @@ async fn two_live_pods_claiming_one_ip_are_both_refused() {
     cluster.add_pod(&pod("a", "127.0.0.43").role("a"));
     cluster.add_pod(&pod("b", "127.0.0.43").role("b"));
     let agent = cluster.agent(&[]).await;
+    // Contested, not final: one of them is about to go, so SDKs should retry.
     assert_eq!(
         agent.from("127.0.0.43").get(CREDS, &[]).await.status,
-        StatusCode::NOT_FOUND
+        StatusCode::SERVICE_UNAVAILABLE
     );
 }

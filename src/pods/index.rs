@@ -5,16 +5,21 @@
 //!   remove a newer pod that reuses its IP;
 //! - `hostNetwork` pods are never indexed (their IP is the node's and identifies nothing), nor are pods
 //!   that finished (`Succeeded`/`Failed`) or that have no UID;
+//! - a pod whose containers have all terminated for good (deleting, or a restart policy that will not
+//!   start them again), or whose every container started before the node last booted (its status was
+//!   not republished since a reboot, and the CNI may have handed its IP to another pod), is *held*: its
+//!   IP answers [`Lookup::Pending`], never the pod, until its status says it runs again or it is gone;
 //! - when two live pods claim one IP, that IP resolves to nobody until it is unambiguous again;
-//! - a terminating pod keeps its IP until a live pod claims it (it may need credentials to flush data).
+//! - a terminating pod whose containers still run keeps its IP (graceful shutdown needs credentials)
+//!   until a live pod claims it.
 //!
-//! No I/O and no clock: `watch` feeds it, tests drive it directly.
+//! No I/O and no clock: `watch` feeds it, tests drive it directly; the node's boot time is given.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, ServiceAccount};
 
 use crate::roles::{POD_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION};
 use crate::workload::Workload;
@@ -26,6 +31,9 @@ pub enum Lookup {
     Found(Arc<Workload>),
     /// Several live pods claim the address; serving any of them could hand out another pod's role.
     Ambiguous(Vec<String>),
+    /// Only held pods (terminated, or not republished since the node booted) claim the address: its
+    /// next owner may not be published yet.
+    Pending,
     /// No pod on this node has the address.
     Unknown,
 }
@@ -35,17 +43,33 @@ pub enum Lookup {
 pub enum Change {
     /// A workload was added or changed (IP, phase, annotation, service account role).
     Upserted(Workload),
-    /// A workload is gone: deleted, finished, or turned into something we do not index.
+    /// A workload is gone or must not be served any more: deleted, finished, held, or turned into
+    /// something we do not index.
     Removed { uid: String, key: String },
+}
+
+/// Why an indexed pod is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Every container has terminated and none will start again.
+    Terminated,
+    /// Every container started before the node's boot: the status is from before a reboot.
+    BeforeBoot,
 }
 
 /// IP → pod index plus the service accounts' role annotations.
 #[derive(Debug, Default)]
 pub struct Index {
+    /// Pods that are served, by UID.
     pods: HashMap<String, Arc<Workload>>,
+    /// Pods that are indexed but held, by UID, with the addresses they claim.
+    held: HashMap<String, Vec<IpAddr>>,
+    /// Address → UIDs of served and held pods claiming it.
     by_ip: HashMap<IpAddr, Vec<String>>,
     /// (namespace, name) → value of the IRSA annotation.
     service_accounts: HashMap<(String, String), Option<String>>,
+    /// The node's boot time in Unix seconds, when known.
+    boot_time: Option<i64>,
 }
 
 /// Converts a pod to a workload, or `None` when the pod must not be indexed.
@@ -92,6 +116,46 @@ pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Wo
     })
 }
 
+/// Whether an indexable pod must be held rather than served, given the node's boot time.
+pub fn hold_of(pod: &Pod, boot_time: Option<i64>) -> Option<Hold> {
+    let containers: &[ContainerStatus] = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    if containers.is_empty() {
+        return None;
+    }
+    fn terminated(c: &ContainerStatus) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
+        c.state.as_ref()?.terminated.as_ref()
+    }
+    if containers.iter().all(|c| terminated(c).is_some()) {
+        let restart = pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always");
+        let all_succeeded = containers.iter().all(|c| terminated(c).is_some_and(|t| t.exit_code == 0));
+        // The kubelet restarts containers unless the pod is going away or its policy says no.
+        let final_ = pod.metadata.deletion_timestamp.is_some()
+            || restart == "Never"
+            || (restart == "OnFailure" && all_succeeded);
+        if final_ {
+            return Some(Hold::Terminated);
+        }
+    }
+    let boot = boot_time?;
+    let started = |c: &ContainerStatus| {
+        let state = c.state.as_ref()?;
+        let at = state
+            .running
+            .as_ref()
+            .and_then(|r| r.started_at.as_ref())
+            .or_else(|| state.terminated.as_ref().and_then(|t| t.started_at.as_ref()))?;
+        Some(at.0.as_second())
+    };
+    containers
+        .iter()
+        .all(|c| started(c).is_some_and(|at| at < boot))
+        .then_some(Hold::BeforeBoot)
+}
+
 fn annotation(annotations: &Option<BTreeMap<String, String>>, key: &str) -> Option<String> {
     annotations.as_ref().and_then(|a| a.get(key)).cloned()
 }
@@ -101,19 +165,32 @@ fn sa_key(namespace: &str, name: &str) -> (String, String) {
 }
 
 impl Index {
-    /// An empty index.
+    /// An empty index that knows no boot time (pods are never held for it).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Number of indexed pods.
+    /// An empty index for a node that booted at `boot_time` (Unix seconds).
+    pub fn with_boot_time(boot_time: Option<i64>) -> Self {
+        Self {
+            boot_time,
+            ..Self::default()
+        }
+    }
+
+    /// Number of served pods.
     pub fn len(&self) -> usize {
         self.pods.len()
     }
 
-    /// True when no pod is indexed.
+    /// True when no pod is served.
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
+    }
+
+    /// Sizes of every per-pod structure: (served pods, held pods, addresses), for leak checks.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.pods.len(), self.held.len(), self.by_ip.len())
     }
 
     /// The pod that owns `ip`.
@@ -127,20 +204,16 @@ impl Index {
         let owners = || candidates().filter(move |w| live == 0 || !w.terminating);
         let mut found = owners();
         match (found.next(), found.next()) {
+            (None, _) if uids.iter().any(|u| self.held.contains_key(u)) => Lookup::Pending,
             (None, _) => Lookup::Unknown,
             (Some(one), None) => Lookup::Found(one.clone()),
             _ => Lookup::Ambiguous(owners().map(|w| w.key()).collect()),
         }
     }
 
-    /// The workload with this UID.
+    /// The served workload with this UID.
     pub fn get(&self, uid: &str) -> Option<&Workload> {
         self.pods.get(uid).map(|w| &**w)
-    }
-
-    /// Every indexed workload.
-    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.pods.values().map(|w| &**w)
     }
 
     /// Applies an added or modified pod.
@@ -148,7 +221,10 @@ impl Index {
         let uid = pod.metadata.uid.clone()?;
         let sa_role = self.service_account_role_for(pod);
         match workload_of(pod, sa_role) {
-            Some(workload) => Some(self.upsert(workload)),
+            Some(workload) => match hold_of(pod, self.boot_time) {
+                None => Some(self.upsert(workload)),
+                Some(_) => self.hold(workload),
+            },
             None => self.remove(&uid),
         }
     }
@@ -160,7 +236,7 @@ impl Index {
 
     /// Replaces every pod with a fresh list (after a relist), returning what changed.
     pub fn replace_pods<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Change> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut changes = Vec::new();
         for pod in pods {
             if let Some(uid) = &pod.metadata.uid {
@@ -175,11 +251,16 @@ impl Index {
                 }
             }
         }
-        let gone: Vec<String> = self.pods.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .chain(self.held.keys())
+            .filter(|u| !seen.contains(*u))
+            .cloned()
+            .collect();
         changes.extend(gone.iter().filter_map(|uid| self.remove(uid)));
         changes
     }
-
     /// Records a service account's role annotation; returns the workloads whose role source changed.
     pub fn apply_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
         let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
@@ -257,27 +338,49 @@ impl Index {
     }
 
     fn upsert(&mut self, workload: Workload) -> Change {
-        if let Some(old) = self.pods.get(&workload.uid) {
-            let old_ips = old.ips.clone();
-            self.unlink(&workload.uid, &old_ips);
-        }
-        for ip in &workload.ips {
-            let uids = self.by_ip.entry(*ip).or_default();
-            if !uids.contains(&workload.uid) {
-                uids.push(workload.uid.clone());
-            }
-        }
+        self.forget(&workload.uid);
+        self.link(&workload.uid, &workload.ips);
         self.pods.insert(workload.uid.clone(), Arc::new(workload.clone()));
         Change::Upserted(workload)
     }
 
+    /// Keeps the pod's addresses claimed but stops serving it; a change only if it was served.
+    fn hold(&mut self, workload: Workload) -> Option<Change> {
+        let was_served = self.forget(&workload.uid);
+        self.link(&workload.uid, &workload.ips);
+        self.held.insert(workload.uid.clone(), workload.ips.clone());
+        was_served.map(|old| Change::Removed {
+            uid: workload.uid.clone(),
+            key: old.key(),
+        })
+    }
+
+    /// Forgets a pod entirely; a change only if it was served.
     fn remove(&mut self, uid: &str) -> Option<Change> {
-        let old = self.pods.remove(uid)?;
-        self.unlink(uid, &old.ips);
+        let old = self.forget(uid)?;
         Some(Change::Removed {
             uid: uid.to_owned(),
             key: old.key(),
         })
+    }
+
+    /// Drops `uid` from every map, returning its served workload if it had one.
+    fn forget(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        if let Some(ips) = self.held.remove(uid) {
+            self.unlink(uid, &ips);
+        }
+        let old = self.pods.remove(uid)?;
+        self.unlink(uid, &old.ips);
+        Some(old)
+    }
+
+    fn link(&mut self, uid: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            let uids = self.by_ip.entry(*ip).or_default();
+            if !uids.iter().any(|u| u == uid) {
+                uids.push(uid.to_owned());
+            }
+        }
     }
 
     fn unlink(&mut self, uid: &str, ips: &[IpAddr]) {

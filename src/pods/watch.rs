@@ -1,50 +1,40 @@
-//! The node-scoped watches that feed the [`Store`]: pods with `spec.nodeName=<node>` and all service
-//! accounts (their IRSA annotation can change at any time and must take effect within seconds).
+//! The watches that feed the [`Store`]: pods with `spec.nodeName=<node>` and all service accounts
+//! (their IRSA annotation can change at any time and must take effect within seconds).
 //!
-//! kube-runtime's watcher re-lists after `410 Gone` and reconnects with backoff; this module only
-//! translates its events into index updates and forwards the resulting changes. It never decides roles.
+//! [`crate::watch`] lists, watches and says what the view is worth; this module applies its updates to
+//! the index, keeps the store's [`super::View`] true, and forwards the resulting changes. It never
+//! decides roles.
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event as WatchEvent};
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntGauge, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Event, Store};
+use super::{Change, Event, Store};
+use crate::watch::{self, Update};
 
-/// Watch metrics.
+/// Index metrics.
 #[derive(Clone)]
 pub struct Metrics {
     pods: IntGauge,
-    events: IntCounterVec,
-    errors: IntCounterVec,
+    held: IntGauge,
+    addresses: IntGauge,
 }
 
 impl Metrics {
     /// Creates and registers the metrics.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let pods = IntGauge::new("imds_broker_pods_indexed", "Pods on this node currently indexed by IP")?;
-        let events = IntCounterVec::new(
-            Opts::new(
-                "imds_broker_watch_events_total",
-                "Watch events applied, by resource and type",
-            ),
-            &["resource", "event"],
+        let pods = IntGauge::new("imds_broker_pods_indexed", "Pods on this node currently served by IP")?;
+        let held = IntGauge::new(
+            "imds_broker_pods_held",
+            "Pods on this node indexed but not served: containers terminated, or status from before the node's boot",
         )?;
-        let errors = IntCounterVec::new(
-            Opts::new(
-                "imds_broker_watch_errors_total",
-                "Watch stream errors (the watcher retries with backoff)",
-            ),
-            &["resource"],
-        )?;
+        let addresses = IntGauge::new("imds_broker_pods_addresses", "Pod addresses currently indexed")?;
         registry.register(Box::new(pods.clone()))?;
-        registry.register(Box::new(events.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        Ok(Self { pods, events, errors })
+        registry.register(Box::new(held.clone()))?;
+        registry.register(Box::new(addresses.clone()))?;
+        Ok(Self { pods, held, addresses })
     }
 }
 
@@ -55,115 +45,116 @@ pub struct Watcher {
     pub store: Store,
     pub events: mpsc::Sender<Event>,
     pub metrics: Metrics,
+    pub watch_config: watch::Config,
+    pub watch_metrics: watch::Metrics,
 }
 
 impl Watcher {
     /// Watches until `shutdown` is cancelled. Sends [`Event::Synced`] once both first lists are applied.
     pub async fn run(self, shutdown: CancellationToken) {
-        let pods = watcher::watcher(
-            Api::<Pod>::all(self.client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name)),
-        )
-        .default_backoff()
-        .map_ok(|e| Update::Pod(Box::new(e)))
-        .map_err(|e| ("pods", e));
-        let accounts = watcher::watcher(
-            Api::<ServiceAccount>::all(self.client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .map_ok(|e| Update::ServiceAccount(Box::new(e)))
-        .map_err(|e| ("serviceaccounts", e));
-        let mut updates = std::pin::pin!(futures::stream::select(pods, accounts));
-
-        let mut pod_buffer: Vec<Pod> = Vec::new();
-        let mut sa_buffer: Vec<ServiceAccount> = Vec::new();
-        let (mut pods_synced, mut accounts_synced, mut announced) = (false, false, false);
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return,
-                next = updates.next() => next,
-            };
-            let update = match next {
-                Some(Ok(update)) => update,
-                Some(Err((resource, error))) => {
-                    tracing::warn!(resource, %error, "watch failed; retrying with backoff");
-                    self.metrics.errors.with_label_values(&[resource]).inc();
-                    continue;
-                }
-                None => return,
-            };
-            let changes = match update {
-                Update::Pod(event) => {
-                    self.count("pods", &event);
-                    match *event {
-                        WatchEvent::Init => {
-                            pod_buffer.clear();
-                            Vec::new()
-                        }
-                        WatchEvent::InitApply(pod) => {
-                            pod_buffer.push(pod);
-                            Vec::new()
-                        }
-                        WatchEvent::InitDone => {
-                            pods_synced = true;
-                            let pods = std::mem::take(&mut pod_buffer);
-                            self.store.write(|i| i.replace_pods(&pods))
-                        }
-                        WatchEvent::Apply(pod) => self.store.write(|i| i.apply_pod(&pod)).into_iter().collect(),
-                        WatchEvent::Delete(pod) => self.store.write(|i| i.delete_pod(&pod)).into_iter().collect(),
+        let (pods_tx, mut pods) = mpsc::channel(256);
+        let (accounts_tx, mut accounts) = mpsc::channel(256);
+        let pod_watch = watch::Watch {
+            api: Api::<Pod>::all(self.client.clone()),
+            resource: "pods",
+            fields: Some(format!("spec.nodeName={}", self.node_name)),
+            config: self.watch_config.clone(),
+            metrics: self.watch_metrics.clone(),
+        };
+        let account_watch = watch::Watch {
+            api: Api::<ServiceAccount>::all(self.client.clone()),
+            resource: "serviceaccounts",
+            fields: None,
+            config: self.watch_config.clone(),
+            metrics: self.watch_metrics.clone(),
+        };
+        let apply = async {
+            let mut announced = false;
+            loop {
+                let changes = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    update = pods.recv() => match update {
+                        Some(update) => self.apply_pods(update),
+                        None => return,
+                    },
+                    update = accounts.recv() => match update {
+                        Some(update) => self.apply_accounts(update),
+                        None => return,
+                    },
+                };
+                let (served, held, addresses) = self.store.read(|i| i.sizes());
+                self.metrics.pods.set(served as i64);
+                self.metrics.held.set(held as i64);
+                self.metrics.addresses.set(addresses as i64);
+                for change in changes {
+                    if self.events.send(Event::Changed(change)).await.is_err() {
+                        return;
                     }
                 }
-                Update::ServiceAccount(event) => {
-                    self.count("serviceaccounts", &event);
-                    match *event {
-                        WatchEvent::Init => {
-                            sa_buffer.clear();
-                            Vec::new()
-                        }
-                        WatchEvent::InitApply(sa) => {
-                            sa_buffer.push(sa);
-                            Vec::new()
-                        }
-                        WatchEvent::InitDone => {
-                            accounts_synced = true;
-                            let accounts = std::mem::take(&mut sa_buffer);
-                            self.store.write(|i| i.replace_service_accounts(&accounts))
-                        }
-                        WatchEvent::Apply(sa) => self.store.write(|i| i.apply_service_account(&sa)),
-                        WatchEvent::Delete(sa) => self.store.write(|i| i.delete_service_account(&sa)),
+                if !announced && self.store.view().is_whole() {
+                    announced = true;
+                    tracing::info!(pods = served, node = %self.node_name, "pod index synced");
+                    if self.events.send(Event::Synced).await.is_err() {
+                        return;
                     }
-                }
-            };
-            self.metrics.pods.set(self.store.read(|i| i.len()) as i64);
-            for change in changes {
-                if self.events.send(Event::Changed(change)).await.is_err() {
-                    return;
                 }
             }
-            if pods_synced && accounts_synced && !announced {
-                announced = true;
-                tracing::info!(pods = self.store.read(|i| i.len()), node = %self.node_name, "pod index synced");
-                if self.events.send(Event::Synced).await.is_err() {
-                    return;
-                }
+        };
+        tokio::join!(
+            pod_watch.run(pods_tx, shutdown.clone()),
+            account_watch.run(accounts_tx, shutdown.clone()),
+            apply
+        );
+    }
+
+    fn apply_pods(&self, update: Update<Pod>) -> Vec<Change> {
+        let store = &self.store;
+        match update {
+            Update::Stale => {
+                tracing::warn!("pod events were missed (410 Gone): refusing credentials until the relist completes");
+                store.set_view(|v| v.pods = false);
+                Vec::new()
+            }
+            Update::Listed(pods) => {
+                let changes = store.write(|i| i.replace_pods(&pods));
+                store.set_view(|v| {
+                    v.pods = true;
+                    v.reachable = true;
+                });
+                changes
+            }
+            Update::Applied(pod) => store.write(|i| i.apply_pod(&pod)).into_iter().collect(),
+            Update::Deleted(pod) => store.write(|i| i.delete_pod(&pod)).into_iter().collect(),
+            Update::Unreachable => {
+                store.set_view(|v| v.reachable = false);
+                Vec::new()
+            }
+            Update::Reachable => {
+                store.set_view(|v| v.reachable = true);
+                Vec::new()
             }
         }
     }
 
-    fn count<K>(&self, resource: &str, event: &WatchEvent<K>) {
-        let kind = match event {
-            WatchEvent::Init => "init",
-            WatchEvent::InitApply(_) => "init_apply",
-            WatchEvent::InitDone => "init_done",
-            WatchEvent::Apply(_) => "apply",
-            WatchEvent::Delete(_) => "delete",
-        };
-        self.metrics.events.with_label_values(&[resource, kind]).inc();
+    fn apply_accounts(&self, update: Update<ServiceAccount>) -> Vec<Change> {
+        let store = &self.store;
+        match update {
+            Update::Stale => {
+                tracing::warn!(
+                    "service-account events were missed (410 Gone): refusing credentials until the relist completes"
+                );
+                store.set_view(|v| v.service_accounts = false);
+                Vec::new()
+            }
+            Update::Listed(accounts) => {
+                let changes = store.write(|i| i.replace_service_accounts(&accounts));
+                store.set_view(|v| v.service_accounts = true);
+                changes
+            }
+            Update::Applied(account) => store.write(|i| i.apply_service_account(&account)),
+            Update::Deleted(account) => store.write(|i| i.delete_service_account(&account)),
+            // Known service accounts stay true; pods are what an unreachable API server hides.
+            Update::Unreachable | Update::Reachable => Vec::new(),
+        }
     }
-}
-
-enum Update {
-    Pod(Box<WatchEvent<Pod>>),
-    ServiceAccount(Box<WatchEvent<ServiceAccount>>),
 }

@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::hop_limit::HopLimit;
+use super::document;
 use super::response::{self, Body, Failure};
 use super::session::{self, Sessions};
 use crate::credentials::Cache;
@@ -44,30 +45,37 @@ pub struct Config {
 /// Where a request goes, decided from method and path alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// `PUT /latest/api/token`.
+    /// `PUT /latest/api/token`: an IMDSv2 token, answered without knowing the caller.
     Token,
-    /// `GET /latest/meta-data/iam/`.
-    IamListing,
-    /// `GET /latest/meta-data/iam/security-credentials/`.
-    RoleListing,
-    /// `GET /latest/meta-data/iam/security-credentials/<name>`.
-    RoleDocument(String),
-    /// `GET /latest/meta-data/iam/info`.
-    Info,
+    /// The caller's own credential tree, answered from its pod's role.
+    Iam(Iam),
     /// Any other `GET` under `/latest/` (outside `meta-data/iam/`), as a path relative to `/latest/`
     /// without a trailing slash (`""` is `/latest/` itself). What is served there is decided by
     /// [`crate::metadata`], never by the router.
     Metadata(String),
 }
 
+/// The paths under `meta-data/iam/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Iam {
+    /// `GET /latest/meta-data/iam/`.
+    Listing,
+    /// `GET /latest/meta-data/iam/security-credentials/`.
+    RoleListing,
+    /// `GET /latest/meta-data/iam/security-credentials/<name>`.
+    RoleDocument(String),
+    /// `GET /latest/meta-data/iam/info`.
+    Info,
+}
+
 impl Route {
     fn label(&self) -> &'static str {
         match self {
             Route::Token => "token",
-            Route::IamListing => "iam",
-            Route::RoleListing => "role_listing",
-            Route::RoleDocument(_) => "credentials",
-            Route::Info => "info",
+            Route::Iam(Iam::Listing) => "iam",
+            Route::Iam(Iam::RoleListing) => "role_listing",
+            Route::Iam(Iam::RoleDocument(_)) => "credentials",
+            Route::Iam(Iam::Info) => "info",
             Route::Metadata(_) => "metadata",
         }
     }
@@ -76,10 +84,10 @@ impl Route {
     pub fn path(&self) -> String {
         match self {
             Route::Token => "/latest/api/token".to_owned(),
-            Route::IamListing => "/latest/meta-data/iam".to_owned(),
-            Route::RoleListing => "/latest/meta-data/iam/security-credentials".to_owned(),
-            Route::RoleDocument(name) => format!("/latest/meta-data/iam/security-credentials/{name}"),
-            Route::Info => "/latest/meta-data/iam/info".to_owned(),
+            Route::Iam(Iam::Listing) => "/latest/meta-data/iam".to_owned(),
+            Route::Iam(Iam::RoleListing) => "/latest/meta-data/iam/security-credentials".to_owned(),
+            Route::Iam(Iam::RoleDocument(name)) => format!("/latest/meta-data/iam/security-credentials/{name}"),
+            Route::Iam(Iam::Info) => "/latest/meta-data/iam/info".to_owned(),
             Route::Metadata(path) if path.is_empty() => "/latest".to_owned(),
             Route::Metadata(path) => format!("/latest/{path}"),
         }
@@ -121,10 +129,12 @@ pub fn route(method: &Method, path: &str) -> Result<Route, Failure> {
         _ => {}
     }
     let route = match segments {
-        ["latest", "meta-data", "iam"] => Route::IamListing,
-        ["latest", "meta-data", "iam", "security-credentials"] => Route::RoleListing,
-        ["latest", "meta-data", "iam", "security-credentials", name] => Route::RoleDocument((*name).to_owned()),
-        ["latest", "meta-data", "iam", "info"] => Route::Info,
+        ["latest", "meta-data", "iam"] => Route::Iam(Iam::Listing),
+        ["latest", "meta-data", "iam", "security-credentials"] => Route::Iam(Iam::RoleListing),
+        ["latest", "meta-data", "iam", "security-credentials", name] => {
+            Route::Iam(Iam::RoleDocument((*name).to_owned()))
+        }
+        ["latest", "meta-data", "iam", "info"] => Route::Iam(Iam::Info),
         // The node's own credential tree is never looked up anywhere else.
         ["latest", "meta-data", "iam", ..] => return Err(Failure::NotFound),
         ["latest"] => Route::Metadata(String::new()),
@@ -197,7 +207,9 @@ impl Imds {
     /// Answers one request from `peer`.
     pub async fn handle<B>(self: Arc<Self>, peer: IpAddr, request: Request<B>) -> Response<Body> {
         let started = std::time::Instant::now();
-        let peer = canonical(peer);
+        // An IPv4 peer seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; pods are indexed
+        // by the plain IPv4 address.
+        let peer = peer.to_canonical();
         let route = route_target(request.method(), request.uri());
         let label = route.as_ref().map_or("other", Route::label);
         let outcome = match route {
@@ -225,20 +237,11 @@ impl Imds {
     async fn answer<B>(&self, peer: IpAddr, request: &Request<B>, route: Route) -> Result<Response<Body>, Failure> {
         let now = unix_now();
         let headers = request.headers();
-        if route == Route::Token {
-            if headers.contains_key("x-forwarded-for") {
-                tracing::info!(%peer, "refusing token request that came through a proxy (X-Forwarded-For)");
-                return Err(Failure::Forwarded);
-            }
-            let ttl = headers
-                .get("x-aws-ec2-metadata-token-ttl-seconds")
-                .and_then(|v| session::parse_ttl(v.as_bytes()))
-                .ok_or(Failure::BadTtl)?;
-            if let Some(hops) = request.extensions().get::<HopLimit>() {
-                hops.limit(self.config.token_hop_limit);
-            }
-            return Ok(response::token(self.sessions.issue(peer, ttl, now), ttl));
-        }
+        let route = match route {
+            Route::Token => return self.token(peer, request, now),
+            Route::Iam(iam) => Ok(iam),
+            Route::Metadata(path) => Err(path),
+        };
         let tokenless = match headers.get("x-aws-ec2-metadata-token") {
             Some(token) => {
                 let token = token.to_str().map_err(|_| Failure::BadToken)?;
@@ -261,41 +264,64 @@ impl Imds {
             tracing::info!(pod = %workload.key(), "refusing IMDSv1 request: the namespace requires IMDSv2");
             return Err(Failure::TokenRequired);
         }
-        if let Route::Metadata(path) = &route {
-            let with_iam = matches!(self.cache.resolver().resolve(&workload), Ok(Some(_)));
-            return match self.metadata.get(path, with_iam).await {
-                Ok(answer) => Ok(response::metadata(answer)),
-                Err(metadata::Error::NotFound) => Err(Failure::NotFound),
-                Err(metadata::Error::Upstream(error)) => {
-                    tracing::warn!(pod = %workload.key(), %path, kind = error.kind(), %error, "upstream IMDS failed");
-                    Err(Failure::Upstream(error))
-                }
-            };
-        }
-        let role = self.role_of(&workload)?;
         match route {
-            Route::Token | Route::Metadata(_) => unreachable!("answered above"),
-            Route::IamListing => Ok(response::text(
+            Ok(iam) => self.iam(&workload, iam).await,
+            Err(path) => self.metadata(&workload, &path).await,
+        }
+    }
+
+    /// `PUT /latest/api/token`.
+    fn token<B>(&self, peer: IpAddr, request: &Request<B>, now: u64) -> Result<Response<Body>, Failure> {
+        let headers = request.headers();
+        if headers.contains_key("x-forwarded-for") {
+            tracing::info!(%peer, "refusing token request that came through a proxy (X-Forwarded-For)");
+            return Err(Failure::Forwarded);
+        }
+        let ttl = headers
+            .get("x-aws-ec2-metadata-token-ttl-seconds")
+            .and_then(|v| session::parse_ttl(v.as_bytes()))
+            .ok_or(Failure::BadTtl)?;
+        if let Some(hops) = request.extensions().get::<HopLimit>() {
+            hops.limit(self.config.token_hop_limit);
+        }
+        Ok(response::token(self.sessions.issue(peer, ttl, now), ttl))
+    }
+
+    /// The rest of the metadata tree, for a known pod.
+    async fn metadata(&self, workload: &Workload, path: &str) -> Result<Response<Body>, Failure> {
+        let with_iam = matches!(self.cache.resolver().resolve(workload), Ok(Some(_)));
+        match self.metadata.get(path, with_iam).await {
+            Ok(answer) => Ok(response::metadata(answer)),
+            Err(metadata::Error::NotFound) => Err(Failure::NotFound),
+            Err(metadata::Error::Upstream(error)) => {
+                tracing::warn!(pod = %workload.key(), %path, kind = error.kind(), %error, "upstream IMDS failed");
+                Err(Failure::Upstream(error))
+            }
+        }
+    }
+
+    /// The pod's credential tree.
+    async fn iam(&self, workload: &Workload, iam: Iam) -> Result<Response<Body>, Failure> {
+        let role = self.role_of(workload)?;
+        match iam {
+            Iam::Listing => Ok(response::text(
                 http::StatusCode::OK,
                 "info\nsecurity-credentials/".to_owned(),
             )),
             // Exactly the role name, no trailing newline: the Rust SDK uses the body verbatim in a URI.
-            Route::RoleListing => Ok(response::text(http::StatusCode::OK, role.name().to_owned())),
-            Route::Info => Ok(response::text(
+            Iam::RoleListing => Ok(response::text(http::StatusCode::OK, role.name().to_owned())),
+            Iam::Info => Ok(response::text(
                 http::StatusCode::OK,
-                response::info_document(&role, OffsetDateTime::now_utc()),
+                document::info(&role, OffsetDateTime::now_utc()),
             )),
-            Route::RoleDocument(name) if name != role.name() => {
+            Iam::RoleDocument(name) if name != role.name() => {
                 tracing::info!(pod = %workload.key(), asked = %name, role = %role, "refusing another role's document");
                 Err(Failure::NotFound)
             }
-            Route::RoleDocument(_) => match self.cache.get(&workload, &role).await {
-                Ok(credentials) => Ok(response::text(
+            Iam::RoleDocument(_) => match self.cache.get(workload, &role).await {
+                Ok(session) => Ok(response::text(
                     http::StatusCode::OK,
-                    credentials
-                        .rendered
-                        .get_or_init(|| response::credentials_document(&credentials).into())
-                        .clone(),
+                    session.document(|credentials| document::credentials(credentials).into()),
                 )),
                 Err(error) if error.is_transient() => Err(Failure::Unavailable),
                 Err(error) => Err(Failure::Refused { role, error }),
@@ -303,16 +329,28 @@ impl Imds {
         }
     }
 
+    /// The pod calling from `peer`, once the view can say so. Anything short of one known, running pod
+    /// is refused with 503 while the answer may still change (view incomplete, address in flux, API
+    /// server away) and 404 only when no pod of this node has the address.
     async fn caller(&self, peer: IpAddr) -> Result<Arc<Workload>, Failure> {
-        match self
-            .store
-            .lookup_or_wait(peer, Instant::now() + self.config.pod_wait)
-            .await
-        {
+        let deadline = Instant::now() + self.config.pod_wait;
+        if !self.store.wait_whole(deadline).await || !self.namespaces.wait_synced(deadline).await {
+            tracing::info!(%peer, "refusing: the pod view is incomplete (starting, or relisting after missed events)");
+            return Err(Failure::Unsynced);
+        }
+        match self.store.lookup_or_wait(peer, deadline).await {
             Lookup::Found(workload) => Ok(workload),
             Lookup::Ambiguous(pods) => {
                 tracing::warn!(%peer, ?pods, "refusing: several live pods claim this IP");
-                Err(Failure::NotFound)
+                Err(Failure::Contested)
+            }
+            Lookup::Pending => {
+                tracing::info!(%peer, "refusing: this IP belongs to a pod that cannot be running (terminated, or not seen since the node booted)");
+                Err(Failure::Contested)
+            }
+            Lookup::Unknown if !self.store.view().reachable => {
+                tracing::info!(%peer, "refusing: no known pod has this IP and the API server is unreachable");
+                Err(Failure::Unsynced)
             }
             Lookup::Unknown => {
                 tracing::info!(%peer, "refusing: no pod on this node has this IP");
@@ -334,12 +372,6 @@ impl Imds {
             }
         }
     }
-}
-
-/// An IPv4 peer seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; pods are indexed by the
-/// plain IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 fn unix_now() -> u64 {
@@ -365,7 +397,7 @@ mod tests {
 
     #[test]
     fn the_credential_paths_route_with_and_without_a_trailing_slash() {
-        let list = Ok::<_, ()>(Route::RoleListing);
+        let list = Ok::<_, ()>(Route::Iam(Iam::RoleListing));
         assert_eq!(
             get("/latest/meta-data/iam/security-credentials/").ok(),
             list.clone().ok()
@@ -373,17 +405,17 @@ mod tests {
         assert_eq!(get("/latest/meta-data/iam/security-credentials").ok(), list.ok());
         assert_eq!(
             get("/latest/meta-data/iam/security-credentials/app").ok(),
-            Some(Route::RoleDocument("app".into()))
+            Some(Route::Iam(Iam::RoleDocument("app".into())))
         );
         assert_eq!(
             get("/latest/meta-data/iam/security-credentials/app/").ok(),
-            Some(Route::RoleDocument("app".into()))
+            Some(Route::Iam(Iam::RoleDocument("app".into())))
         );
-        assert_eq!(get("/latest/meta-data/iam/info").ok(), Some(Route::Info));
-        assert_eq!(get("/latest/meta-data/iam/").ok(), Some(Route::IamListing));
+        assert_eq!(get("/latest/meta-data/iam/info").ok(), Some(Route::Iam(Iam::Info)));
+        assert_eq!(get("/latest/meta-data/iam/").ok(), Some(Route::Iam(Iam::Listing)));
         assert_eq!(
             route(&Method::HEAD, "/latest/meta-data/iam/info").ok(),
-            Some(Route::Info)
+            Some(Route::Iam(Iam::Info))
         );
     }
 
@@ -458,7 +490,7 @@ mod tests {
 
     #[test]
     fn only_origin_form_targets_without_a_query_are_routed() {
-        assert_eq!(target("/latest/meta-data/iam/info").ok(), Some(Route::Info));
+        assert_eq!(target("/latest/meta-data/iam/info").ok(), Some(Route::Iam(Iam::Info)));
         for bad in [
             "http://169.254.169.254/latest/meta-data/iam/info",
             "http://evil/latest/meta-data/iam/info",
@@ -564,7 +596,7 @@ mod tests {
     #[test]
     fn v4_mapped_peers_are_seen_as_ipv4() {
         assert_eq!(
-            canonical("::ffff:10.0.0.1".parse().unwrap()),
+            "::ffff:10.0.0.1".parse::<IpAddr>().unwrap().to_canonical(),
             "10.0.0.1".parse::<IpAddr>().unwrap()
         );
     }

@@ -3,6 +3,7 @@
 //! become HTTP lives only in [`response`].
 
 pub mod admin;
+pub mod document;
 pub mod hop_limit;
 pub mod imds;
 pub mod response;

@@ -1,5 +1,6 @@
-//! The one place where outcomes become HTTP: status codes, headers and bodies exactly as EC2's IMDS
-//! sends them (`Server: EC2ws`, `text/plain` everywhere, XHTML error pages, its JSON layout).
+//! The one place where outcomes become HTTP: status codes and headers exactly as EC2's IMDS sends them
+//! (`Server: EC2ws`, `text/plain` everywhere, XHTML error pages); the documents themselves are
+//! [`super::document`]'s.
 //!
 //! Every refusal the IMDS handler can produce is a [`Failure`] variant, and [`Failure::into_response`]
 //! is the only code that chooses a status for it.
@@ -8,10 +9,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use time::OffsetDateTime;
-use time::macros::format_description;
 
+use super::document;
 use crate::credentials;
-use crate::workload::{Credentials, RoleArn};
+use crate::workload::RoleArn;
 
 /// The response body type of both servers.
 pub type Body = Full<Bytes>;
@@ -41,6 +42,11 @@ pub enum Failure {
     Refused { role: RoleArn, error: credentials::Error },
     /// STS or the API server failed transiently; the SDK may retry.
     Unavailable,
+    /// The pod view cannot say who is calling yet: not yet listed, relisting after missed events, or
+    /// the API server is unreachable and the address is not known.
+    Unsynced,
+    /// The address is in flux: several live pods claim it, or only pods that cannot be running.
+    Contested,
     /// The node's IMDS failed while proxying an allowed metadata path.
     Upstream(crate::metadata::UpstreamError),
 }
@@ -60,6 +66,8 @@ impl Failure {
             Failure::InvalidRole => "invalid_role",
             Failure::Refused { .. } => "refused",
             Failure::Unavailable => "unavailable",
+            Failure::Unsynced => "unsynced",
+            Failure::Contested => "contested",
             Failure::Upstream(_) => "upstream",
         }
     }
@@ -88,14 +96,14 @@ impl Failure {
                 );
                 text(
                     StatusCode::OK,
-                    json_document(&[
+                    document::json(&[
                         ("Code", "AssumeRoleUnauthorizedAccess"),
                         ("Message", &message),
-                        ("LastUpdated", &imds_time(OffsetDateTime::now_utc())),
+                        ("LastUpdated", &document::imds_time(OffsetDateTime::now_utc())),
                     ]),
                 )
             }
-            Failure::Unavailable | Failure::Upstream(_) => {
+            Failure::Unavailable | Failure::Unsynced | Failure::Contested | Failure::Upstream(_) => {
                 error_page(StatusCode::SERVICE_UNAVAILABLE, "503 - Service Unavailable")
             }
         }
@@ -113,77 +121,13 @@ fn refusal_code(error: &credentials::Error) -> String {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` in UTC, the only time format IMDS uses.
-pub fn imds_time(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
-        .format(format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"))
-        .expect("every UTC date-time formats")
-}
-
-/// EC2's JSON layout: two-space indent, `" : "`, keys in the given order, string values.
-pub fn json_document(fields: &[(&str, &str)]) -> String {
-    let mut out = String::from("{\n");
-    for (i, (key, value)) in fields.iter().enumerate() {
-        let value = serde_json::to_string(value).expect("strings always serialise");
-        out.push_str(&format!("  \"{key}\" : {value}"));
-        out.push_str(if i + 1 < fields.len() { ",\n" } else { "\n" });
-    }
-    out.push('}');
-    out
-}
-
-/// The role document for `credentials`.
-pub fn credentials_document(credentials: &Credentials) -> String {
-    json_document(&[
-        ("Code", "Success"),
-        ("LastUpdated", &imds_time(credentials.last_updated)),
-        ("Type", "AWS-HMAC"),
-        ("AccessKeyId", &credentials.access_key_id),
-        ("SecretAccessKey", credentials.secret_access_key.expose()),
-        ("Token", credentials.session_token.expose()),
-        ("Expiration", &imds_time(credentials.expiration)),
-    ])
-}
-
-/// `iam/info` for a pod's role: a synthetic instance profile named after the role.
-pub fn info_document(role: &RoleArn, last_updated: OffsetDateTime) -> String {
-    use sha2::{Digest, Sha256};
-    let partition = role.as_str().split(':').nth(1).unwrap_or("aws");
-    let path_and_name = role
-        .as_str()
-        .split_once(":role/")
-        .map(|(_, r)| r)
-        .unwrap_or(role.name());
-    let profile_arn = format!(
-        "arn:{partition}:iam::{}:instance-profile/{path_and_name}",
-        role.account()
-    );
-    // Instance profile ids are "AIPA" + 17 upper-case alphanumerics; derive one stably from the role.
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let digest = Sha256::digest(role.as_str().as_bytes());
-    let id: String = std::iter::once("AIPA".to_owned())
-        .chain(
-            digest
-                .iter()
-                .take(17)
-                .map(|b| (ALPHABET[(*b & 31) as usize] as char).to_string()),
-        )
-        .collect();
-    json_document(&[
-        ("Code", "Success"),
-        ("LastUpdated", &imds_time(last_updated)),
-        ("InstanceProfileArn", &profile_arn),
-        ("InstanceProfileId", &id),
-    ])
-}
-
 /// A metadata answer: text verbatim, JSON in EC2's layout.
 pub fn metadata(answer: crate::metadata::Answer) -> Response<Body> {
     match answer {
         crate::metadata::Answer::Text(body) => text(StatusCode::OK, body),
         crate::metadata::Answer::Json(fields) => {
             let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            text(StatusCode::OK, json_document(&fields))
+            text(StatusCode::OK, document::json(&fields))
         }
     }
 }
@@ -234,46 +178,6 @@ fn decorate(response: &mut Response<Body>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::Secret;
-    use time::macros::datetime;
-
-    #[test]
-    fn the_role_document_matches_ec2_byte_for_byte() {
-        let creds = Credentials {
-            access_key_id: "ASIAIOSFODNN7EXAMPLE".into(),
-            secret_access_key: Secret::new("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
-            session_token: Secret::new("token"),
-            expiration: datetime!(2017-05-17 15:09:54 UTC),
-            last_updated: datetime!(2012-04-26 16:39:16 UTC),
-            rendered: Default::default(),
-        };
-        assert_eq!(
-            credentials_document(&creds),
-            "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2012-04-26T16:39:16Z\",\n  \"Type\" : \"AWS-HMAC\",\n  \
-             \"AccessKeyId\" : \"ASIAIOSFODNN7EXAMPLE\",\n  \"SecretAccessKey\" : \"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\",\n  \
-             \"Token\" : \"token\",\n  \"Expiration\" : \"2017-05-17T15:09:54Z\"\n}"
-        );
-    }
-
-    #[test]
-    fn times_are_utc_whole_seconds() {
-        let t = datetime!(2026-11-23 23:59:59.987 +02:00);
-        assert_eq!(imds_time(t), "2026-11-23T21:59:59Z");
-    }
-
-    #[test]
-    fn info_names_an_instance_profile_after_the_role() {
-        let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/app").unwrap();
-        let doc: serde_json::Value =
-            serde_json::from_str(&info_document(&role, datetime!(2020-04-02 18:50:40 UTC))).unwrap();
-        assert_eq!(doc["Code"], "Success");
-        assert_eq!(
-            doc["InstanceProfileArn"],
-            "arn:aws:iam::123456789012:instance-profile/team/app"
-        );
-        let id = doc["InstanceProfileId"].as_str().unwrap();
-        assert!(id.starts_with("AIPA") && id.len() == 21, "{id}");
-    }
 
     #[test]
     fn every_response_carries_ec2s_headers() {
@@ -300,6 +204,8 @@ mod tests {
             (Failure::NotFound, 404),
             (Failure::InvalidRole, 404),
             (Failure::Unavailable, 503),
+            (Failure::Unsynced, 503),
+            (Failure::Contested, 503),
             (
                 Failure::Upstream(crate::metadata::UpstreamError::Status(StatusCode::BAD_GATEWAY)),
                 503,
