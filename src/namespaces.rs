@@ -65,7 +65,10 @@ impl Policy {
     /// Waits until `deadline` for the policy to be synced; true if it is.
     pub async fn wait_synced(&self, deadline: Instant) -> bool {
         let mut synced = self.synced.subscribe();
-        matches!(tokio::time::timeout_at(deadline, synced.wait_for(|s| *s)).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout_at(deadline, synced.wait_for(|s| *s)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Follows whether the policy is synced (for readiness).

@@ -164,7 +164,10 @@ impl Silence {
     }
 
     fn touch(&self, resource: &'static str) {
-        self.last.lock().expect("silence lock poisoned").insert(resource, Instant::now());
+        self.last
+            .lock()
+            .expect("silence lock poisoned")
+            .insert(resource, Instant::now());
     }
 }
 
@@ -218,7 +221,10 @@ where
         let mut failures = 0u32;
         let mut reachable = true;
         loop {
-            self.metrics.relists.with_label_values(&[self.resource, cause.label()]).inc();
+            self.metrics
+                .relists
+                .with_label_values(&[self.resource, cause.label()])
+                .inc();
             if cause == Relist::Gone && out.send(Update::Stale).await.is_err() {
                 return;
             }
@@ -258,7 +264,10 @@ where
             let mut last_heard = Instant::now();
             // Watch, resuming from the last resourceVersion, until a relist is needed.
             cause = loop {
-                match self.watch(&out, &mut version, &mut last_heard, &mut reachable, &shutdown).await {
+                match self
+                    .watch(&out, &mut version, &mut last_heard, &mut reachable, &shutdown)
+                    .await
+                {
                     End::Stop => return,
                     End::Relist(cause) => break cause,
                     End::Resume { failed: false } => failures = 0,
@@ -377,7 +386,10 @@ where
     }
 
     fn gone(&self) -> End {
-        tracing::info!(resource = self.resource, "watch history compacted (410 Gone); relisting now");
+        tracing::info!(
+            resource = self.resource,
+            "watch history compacted (410 Gone); relisting now"
+        );
         End::Relist(Relist::Gone)
     }
 
@@ -425,7 +437,10 @@ mod tests {
         for failures in 1..100 {
             for fraction in [0.0, 0.5, 0.999] {
                 let delay = retry_delay(failures, fraction);
-                assert!(delay <= RETRY_CAP && delay >= RETRY_INITIAL / 2, "{failures}: {delay:?}");
+                assert!(
+                    delay <= RETRY_CAP && delay >= RETRY_INITIAL / 2,
+                    "{failures}: {delay:?}"
+                );
             }
         }
     }

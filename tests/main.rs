@@ -6,6 +6,7 @@ mod support;
 
 mod admin;
 mod doubles_selftest;
+mod faults;
 mod logging;
 mod metadata;
 mod moto;

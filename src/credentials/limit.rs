@@ -210,9 +210,14 @@ mod tests {
         let held = limiter.acquire(Priority::Request).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, priority) in [Priority::Prefetch, Priority::Refresh, Priority::Prefetch, Priority::Request]
-            .into_iter()
-            .enumerate()
+        for (i, priority) in [
+            Priority::Prefetch,
+            Priority::Refresh,
+            Priority::Prefetch,
+            Priority::Request,
+        ]
+        .into_iter()
+        .enumerate()
         {
             let (limiter, order) = (limiter.clone(), order.clone());
             tasks.spawn(async move {

@@ -439,7 +439,14 @@ impl Cache {
         })
     }
 
-    fn record(&self, workload: &Workload, role: &RoleArn, cause: Cause, started: Instant, result: &Result<Held, Error>) {
+    fn record(
+        &self,
+        workload: &Workload,
+        role: &RoleArn,
+        cause: Cause,
+        started: Instant,
+        result: &Result<Held, Error>,
+    ) {
         let metrics = &self.inner.metrics;
         metrics
             .fetch_seconds
@@ -589,7 +596,9 @@ impl Cache {
     /// Starts an exchange for a pod nobody asked for yet, unless it has a session, one is in flight, or
     /// it is backing off after a failure. Most pod events are status updates of a pod already served: no work.
     async fn prefetch(&self, workload: &Workload, role: &RoleArn, prefetches: &mut JoinSet<()>) {
-        let Some(pod) = self.sessions_of(&workload.uid).await else { return };
+        let Some(pod) = self.sessions_of(&workload.uid).await else {
+            return;
+        };
         let receiver = {
             let mut slots = pod.lock();
             let slot = slots.entry(role.clone()).or_default();
@@ -613,7 +622,9 @@ impl Cache {
             let mut slots = pod.lock();
             let mut wanted = Vec::new();
             for (role, slot) in slots.iter_mut() {
-                let Some(workload) = self.wanting(&uid, role) else { continue };
+                let Some(workload) = self.wanting(&uid, role) else {
+                    continue;
+                };
                 wanted.push(role.clone());
                 if slot.held.as_ref().is_some_and(|h| now >= h.usable_until) {
                     slot.held = None;
@@ -628,7 +639,10 @@ impl Cache {
             }
             slots.retain(|role, _| wanted.contains(role));
         }
-        self.inner.metrics.pods.set(i64::try_from(self.pods().await).unwrap_or(i64::MAX));
+        self.inner
+            .metrics
+            .pods
+            .set(i64::try_from(self.pods().await).unwrap_or(i64::MAX));
     }
 }
 

@@ -25,7 +25,12 @@ const REFRESH_LEAD: Duration = Duration::from_secs(600);
 /// The refresh falls in the second quarter-to-half of the fresh window (at most [`REFRESH_LEAD`] before
 /// it closes), placed by `fraction` within the last fifth of that span, so sessions obtained together
 /// (a node's pods after a restart) never refresh together.
-pub fn schedule(lifetime: Duration, min_remaining: Duration, expiry_margin: Duration, fraction: f64) -> Option<Schedule> {
+pub fn schedule(
+    lifetime: Duration,
+    min_remaining: Duration,
+    expiry_margin: Duration,
+    fraction: f64,
+) -> Option<Schedule> {
     let fresh_for = lifetime.checked_sub(min_remaining).filter(|d| !d.is_zero())?;
     let usable_for = lifetime.saturating_sub(expiry_margin).max(fresh_for);
     let latest = fresh_for - (fresh_for / 2).min(REFRESH_LEAD);

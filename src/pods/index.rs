@@ -130,8 +130,14 @@ pub fn hold_of(pod: &Pod, boot_time: Option<i64>) -> Option<Hold> {
         c.state.as_ref()?.terminated.as_ref()
     }
     if containers.iter().all(|c| terminated(c).is_some()) {
-        let restart = pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always");
-        let all_succeeded = containers.iter().all(|c| terminated(c).is_some_and(|t| t.exit_code == 0));
+        let restart = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref())
+            .unwrap_or("Always");
+        let all_succeeded = containers
+            .iter()
+            .all(|c| terminated(c).is_some_and(|t| t.exit_code == 0));
         // The kubelet restarts containers unless the pod is going away or its policy says no.
         let final_ = pod.metadata.deletion_timestamp.is_some()
             || restart == "Never"
@@ -581,5 +587,254 @@ pub(crate) mod tests {
             panic!()
         };
         assert_eq!(w.service_account_role, None);
+    }
+
+    /// Gives the pod one container in `state` (started at Unix second `started`).
+    fn with_container(mut p: Pod, running: bool, started: i64, exit_code: i32) -> Pod {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+        };
+        let at = Some(Time(k8s_openapi::jiff::Timestamp::from_second(started).unwrap()));
+        let state = if running {
+            ContainerState {
+                running: Some(ContainerStateRunning { started_at: at }),
+                ..Default::default()
+            }
+        } else {
+            ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    started_at: at,
+                    exit_code,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        p.status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
+            name: "main".into(),
+            state: Some(state),
+            ..Default::default()
+        }]);
+        p
+    }
+
+    const BOOT: i64 = 1_700_000_000;
+
+    #[test]
+    fn a_terminating_pod_whose_containers_run_keeps_its_credentials() {
+        let mut index = Index::with_boot_time(Some(BOOT));
+        let old = with_container(
+            terminating(pod("old", "uid-old", &["10.0.0.1"], None)),
+            true,
+            BOOT + 60,
+            0,
+        );
+        index.apply_pod(&old);
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-old"));
+    }
+
+    #[test]
+    fn a_pod_whose_containers_all_terminated_is_never_served_even_before_its_ip_is_claimed() {
+        let mut index = Index::with_boot_time(Some(BOOT));
+        let running = with_container(pod("old", "uid-old", &["10.0.0.1"], Some("r")), true, BOOT + 60, 0);
+        index.apply_pod(&running);
+        let done = with_container(terminating(running.clone()), false, BOOT + 60, 0);
+        assert!(matches!(index.apply_pod(&done), Some(Change::Removed { .. })));
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
+        assert_eq!(index.get("uid-old"), None);
+        // The new owner of the IP is served as soon as it is published; the old pod's delete is a no-op.
+        index.apply_pod(&pod("new", "uid-new", &["10.0.0.1"], Some("n")));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-new"));
+        assert_eq!(index.delete_pod(&done), None);
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-new"));
+        assert_eq!(index.sizes(), (1, 0, 1));
+    }
+
+    #[test]
+    fn containers_that_the_kubelet_restarts_do_not_hold_the_pod() {
+        let mut index = Index::with_boot_time(Some(BOOT));
+        // restartPolicy Always (the default) and not deleting: the kubelet starts them again.
+        let crashed = with_container(pod("a", "uid-a", &["10.0.0.1"], None), false, BOOT + 60, 1);
+        index.apply_pod(&crashed);
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-a"));
+        // OnFailure with a failed container: restarted too; with success: done for good.
+        let mut on_failure = crashed.clone();
+        on_failure.spec.as_mut().unwrap().restart_policy = Some("OnFailure".into());
+        index.apply_pod(&on_failure);
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-a"));
+        let succeeded = with_container(on_failure, false, BOOT + 60, 0);
+        index.apply_pod(&succeeded);
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
+        let mut never = with_container(pod("b", "uid-b", &["10.0.0.2"], None), false, BOOT + 60, 1);
+        never.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+        index.apply_pod(&never);
+        assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Pending);
+    }
+
+    #[test]
+    fn after_a_reboot_pods_are_held_until_their_status_is_republished() {
+        let mut index = Index::with_boot_time(Some(BOOT));
+        // Before the reboot A had .1 and B had .2; the API still says so, but both started before boot.
+        let a = with_container(pod("a", "uid-a", &["10.0.0.1"], Some("ra")), true, BOOT - 600, 0);
+        let b = with_container(pod("b", "uid-b", &["10.0.0.2"], Some("rb")), true, BOOT - 600, 0);
+        index.replace_pods([&a, &b]);
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
+        assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Pending);
+        // The kubelet republishes B with A's old address: B is served there, A's stale claim is not.
+        let b2 = with_container(pod("b", "uid-b", &["10.0.0.1"], Some("rb")), true, BOOT + 30, 0);
+        assert!(matches!(index.apply_pod(&b2), Some(Change::Upserted(w)) if w.uid == "uid-b"));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-b"));
+        assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Unknown);
+        // Without a known boot time nothing is held.
+        let mut unknown = Index::new();
+        unknown.apply_pod(&a);
+        assert_eq!(found_uid(&unknown, "10.0.0.1").as_deref(), Some("uid-a"));
+    }
+
+    #[test]
+    fn a_pod_without_container_statuses_is_not_held() {
+        let mut index = Index::with_boot_time(Some(BOOT));
+        index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-a"));
+    }
+
+    mod model {
+        //! A property test of the index against a model that recomputes every answer from scratch.
+        use super::*;
+        use proptest::prelude::*;
+
+        const IPS: [&str; 3] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+
+        #[derive(Debug, Clone)]
+        struct Spec {
+            uid: usize,
+            ips: Vec<usize>,
+            phase: &'static str,
+            terminating: bool,
+            host_network: bool,
+            /// None: no container status; Some((running, started before boot)).
+            container: Option<(bool, bool)>,
+        }
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Apply(Spec),
+            Delete(usize),
+            Relist(Vec<Spec>),
+        }
+
+        fn spec() -> impl Strategy<Value = Spec> {
+            (
+                0..5usize,
+                proptest::collection::vec(0..IPS.len(), 0..3),
+                proptest::sample::select(vec!["Pending", "Running", "Running", "Succeeded", "Failed"]),
+                any::<bool>(),
+                proptest::bool::weighted(0.1),
+                proptest::option::of((any::<bool>(), proptest::bool::weighted(0.3))),
+            )
+                .prop_map(|(uid, ips, phase, terminating, host_network, container)| Spec {
+                    uid,
+                    ips,
+                    phase,
+                    terminating,
+                    host_network,
+                    container,
+                })
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => spec().prop_map(Step::Apply),
+                2 => (0..5usize).prop_map(Step::Delete),
+                1 => proptest::collection::vec(spec(), 0..4).prop_map(Step::Relist),
+            ]
+        }
+
+        fn build(s: &Spec) -> Pod {
+            let ips: Vec<&str> = s.ips.iter().map(|i| IPS[*i]).collect();
+            let mut p = pod(&format!("p{}", s.uid), &format!("uid-{}", s.uid), &ips, None);
+            p.status.as_mut().unwrap().phase = Some(s.phase.into());
+            p.spec.as_mut().unwrap().host_network = Some(s.host_network);
+            if s.terminating {
+                p = terminating(p);
+            }
+            if let Some((running, before_boot)) = s.container {
+                let started = if before_boot { BOOT - 100 } else { BOOT + 100 };
+                // Restart policy Never, so a terminated container is final.
+                p.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+                p = with_container(p, running, started, 0);
+            }
+            p
+        }
+
+        /// What the model says an address resolves to: `Some(uid)` for exactly one owner, `None` for
+        /// anything else (nobody, ambiguous, held).
+        fn expected(pods: &HashMap<usize, Spec>, ip: usize) -> Option<String> {
+            let claim = |s: &&Spec| {
+                s.ips.contains(&ip)
+                    && !s.host_network
+                    && !matches!(s.phase, "Succeeded" | "Failed")
+                    && s.container.is_none_or(|(running, before_boot)| running && !before_boot)
+            };
+            let claimants: Vec<&Spec> = pods.values().filter(claim).collect();
+            let live: Vec<&&Spec> = claimants.iter().filter(|s| !s.terminating).collect();
+            let owners: Vec<usize> = if live.is_empty() {
+                claimants.iter().map(|s| s.uid).collect()
+            } else {
+                live.iter().map(|s| s.uid).collect()
+            };
+            match owners.as_slice() {
+                [one] => Some(format!("uid-{one}")),
+                _ => None,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Whatever the order of events, the index answers exactly one pod for an address only when
+            /// the model does, and the same pod; it never answers a pod that is gone, held or contested.
+            #[test]
+            fn the_index_agrees_with_the_model_after_every_event(steps in proptest::collection::vec(step(), 1..24)) {
+                let mut index = Index::with_boot_time(Some(BOOT));
+                let mut model: HashMap<usize, Spec> = HashMap::new();
+                for step in steps {
+                    match step {
+                        Step::Apply(s) => {
+                            index.apply_pod(&build(&s));
+                            model.insert(s.uid, s);
+                        }
+                        Step::Delete(uid) => {
+                            let gone = model.remove(&uid).map_or_else(
+                                || pod("x", &format!("uid-{uid}"), &[], None),
+                                |s| build(&s),
+                            );
+                            index.delete_pod(&gone);
+                        }
+                        Step::Relist(specs) => {
+                            model.clear();
+                            for s in &specs {
+                                model.insert(s.uid, s.clone());
+                            }
+                            // A list holds each object once: the last spec of a UID wins in both.
+                            let pods: Vec<Pod> = model.values().map(build).collect();
+                            index.replace_pods(&pods);
+                        }
+                    }
+                    for (i, addr) in IPS.iter().enumerate() {
+                        let got = match index.lookup(ip(addr)) {
+                            Lookup::Found(w) => Some(w.uid.clone()),
+                            _ => None,
+                        };
+                        prop_assert_eq!(got, expected(&model, i), "address {}", addr);
+                    }
+                }
+                // Nothing outlives its pod: after deleting everything, every map is empty.
+                for uid in 0..5 {
+                    index.delete_pod(&pod("x", &format!("uid-{uid}"), &[], None));
+                }
+                prop_assert_eq!(index.sizes(), (0, 0, 0));
+            }
+        }
     }
 }

@@ -94,7 +94,10 @@ impl Store {
             return true;
         }
         let mut whole = self.whole.subscribe();
-        matches!(tokio::time::timeout_at(deadline, whole.wait_for(|w| *w)).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout_at(deadline, whole.wait_for(|w| *w)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Changes the view.

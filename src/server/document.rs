@@ -103,8 +103,7 @@ mod tests {
     #[test]
     fn info_names_an_instance_profile_after_the_role() {
         let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/app").unwrap();
-        let doc: serde_json::Value =
-            serde_json::from_str(&info(&role, datetime!(2020-04-02 18:50:40 UTC))).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&info(&role, datetime!(2020-04-02 18:50:40 UTC))).unwrap();
         assert_eq!(doc["Code"], "Success");
         assert_eq!(
             doc["InstanceProfileArn"],

@@ -13,8 +13,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::hop_limit::HopLimit;
 use super::document;
+use super::hop_limit::HopLimit;
 use super::response::{self, Body, Failure};
 use super::session::{self, Sessions};
 use crate::credentials::Cache;

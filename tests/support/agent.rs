@@ -53,20 +53,25 @@ pub fn config(sts_url: &str, extra: &[&str]) -> Config {
 
 /// Starts the agent against the kube double at `kube_url` and waits until it is ready.
 pub async fn spawn_agent(kube_url: &str, sts_url: &str, extra: &[&str]) -> Agent {
+    let agent = start_agent(kube_url, sts_url, extra).await;
+    agent.wait_ready().await;
+    agent
+}
+
+/// Starts the agent without waiting for anything: it may not have listed a single pod yet.
+pub async fn start_agent(kube_url: &str, sts_url: &str, extra: &[&str]) -> Agent {
     let config = config(sts_url, extra);
     let client = kube::Client::try_from(kube::Config::new(kube_url.parse().expect("kube url"))).expect("kube client");
     let app = App::build(config, client).await.expect("agent builds");
     let (imds, admin) = (app.imds_addr(), app.admin_addr());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
-    let agent = Agent {
+    Agent {
         imds,
         admin,
         shutdown,
         task: Some(task),
-    };
-    agent.wait_ready().await;
-    agent
+    }
 }
 
 impl Agent {
@@ -96,6 +101,22 @@ impl Agent {
         admin_get(self.admin, "/metrics").await.1
     }
 
+    /// Starts the shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub async fn is_ready(&self) -> bool {
+        admin_get(self.admin, "/readyz").await.0 == StatusCode::OK
+    }
+
+    /// The value of one unlabelled sample (or the sum of a labelled family's samples matching
+    /// `labels`, e.g. `cause="gone"`) in `/metrics`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        parse_metric(&self.metrics().await, name, labels)
+    }
+
     /// Stops the agent and waits for it to drain.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -113,6 +134,23 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Sums the samples of `name` whose label set contains every `k="v"` of `labels` (comma-separated).
+pub fn parse_metric(text: &str, name: &str, labels: &str) -> f64 {
+    let wanted: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, set) = match series.split_once('{') {
+                Some((metric, set)) => (metric, set.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches = metric == name && wanted.iter().all(|w| set.split(',').any(|l| l == *w));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
 
 /// Polls `check` every 20 ms until it holds, failing the test after 10 s.

@@ -444,7 +444,19 @@ pub fn pod(namespace: &str, name: &str) -> PodFixture {
         host_network: false,
         annotations: BTreeMap::new(),
         labels: BTreeMap::new(),
+        deleting: false,
+        container: None,
+        restart_policy: "Always".to_owned(),
     }
+}
+
+/// The state of a fixture pod's one container, as the kubelet reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerFixture {
+    /// `state.running` since the given time.
+    Running(time::OffsetDateTime),
+    /// `state.terminated` with this exit code, started at the given time.
+    Terminated(time::OffsetDateTime, i32),
 }
 
 /// A pod under construction; [`PodFixture::build`] gives the JSON the API server would store.
@@ -460,6 +472,9 @@ pub struct PodFixture {
     host_network: bool,
     annotations: BTreeMap<String, String>,
     labels: BTreeMap<String, String>,
+    deleting: bool,
+    container: Option<ContainerFixture>,
+    restart_policy: String,
 }
 
 impl PodFixture {
@@ -530,6 +545,24 @@ impl PodFixture {
         self.annotation(POD_ROLE_ANNOTATION, role)
     }
 
+    /// Sets `metadata.deletionTimestamp` (graceful deletion has begun).
+    pub fn deleting(mut self) -> Self {
+        self.deleting = true;
+        self
+    }
+
+    /// Reports the pod's one container (`status.containerStatuses`); none by default.
+    pub fn container(mut self, state: ContainerFixture) -> Self {
+        self.container = Some(state);
+        self
+    }
+
+    /// Sets `spec.restartPolicy` (default `Always`).
+    pub fn restart_policy(mut self, policy: &str) -> Self {
+        self.restart_policy = policy.to_owned();
+        self
+    }
+
     /// Adds a label.
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.to_owned(), value.to_owned());
@@ -553,7 +586,7 @@ impl PodFixture {
             "serviceAccountName": self.service_account,
             "serviceAccount": self.service_account,
             "containers": [{"name": "main", "image": "registry.example/app:1"}],
-            "restartPolicy": "Always",
+            "restartPolicy": self.restart_policy,
             "schedulerName": "default-scheduler",
             "automountServiceAccountToken": true,
         });
@@ -563,7 +596,24 @@ impl PodFixture {
         if self.host_network {
             spec["hostNetwork"] = json!(true);
         }
+        if self.deleting {
+            metadata["deletionTimestamp"] = json!(now_rfc3339());
+            metadata["deletionGracePeriodSeconds"] = json!(30);
+        }
         let mut status = json!({ "phase": self.phase });
+        if let Some(container) = self.container {
+            let state = match container {
+                ContainerFixture::Running(at) => json!({ "running": { "startedAt": rfc3339(at) } }),
+                ContainerFixture::Terminated(at, code) => json!({ "terminated": {
+                    "exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                    "startedAt": rfc3339(at), "finishedAt": now_rfc3339(),
+                } }),
+            };
+            status["containerStatuses"] = json!([{
+                "name": "main", "image": "registry.example/app:1", "imageID": "", "ready": matches!(container, ContainerFixture::Running(_)),
+                "restartCount": 0, "state": state,
+            }]);
+        }
         if let Some(first) = self.ips.first() {
             status["podIP"] = json!(first);
             status["podIPs"] = json!(self.ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>());

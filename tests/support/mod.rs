@@ -48,6 +48,11 @@ impl Cluster {
         agent::spawn_agent(&self.kube.url(), &self.sts.url(), extra).await
     }
 
+    /// Starts the agent against both doubles without waiting for it to be ready.
+    pub async fn agent_unready(&self, extra: &[&str]) -> Agent {
+        agent::start_agent(&self.kube.url(), &self.sts.url(), extra).await
+    }
+
     /// Starts the agent against the kube double and another STS (moto).
     pub async fn agent_with_sts(&self, sts_url: &str, extra: &[&str]) -> Agent {
         agent::spawn_agent(&self.kube.url(), sts_url, extra).await

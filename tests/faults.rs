@@ -1,0 +1,185 @@
+//! Races and faults: who gets credentials while pods come and go, while the API server or STS is away,
+//! and while clients hang up. Every answer here is an outcome; time-dependent cases run in paused time.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use time::OffsetDateTime;
+
+use crate::support::Cluster;
+use crate::support::agent::eventually;
+use crate::support::fixtures::{pod, role};
+use crate::support::kube::ContainerFixture;
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn running_since(seconds_ago: i64) -> ContainerFixture {
+    ContainerFixture::Running(OffsetDateTime::now_utc() - time::Duration::seconds(seconds_ago))
+}
+
+#[tokio::test]
+async fn a_fetch_outlives_the_clients_that_hung_up_and_every_later_request_joins_it() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.sts.set_latency(Duration::from_secs(3));
+    // Pending: served but not prefetched, so the first request starts the exchange.
+    cluster.add_pod(&pod("p", "127.0.8.1").role("app").phase("Pending"));
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.8.1");
+    let impatient = (0..500).map(|_| async move {
+        tokio::time::timeout(Duration::from_millis(100), caller.get(&format!("{CREDS}app"), &[]))
+            .await
+            .is_err()
+    });
+    let hung_up = futures::future::join_all(impatient).await;
+    assert!(hung_up.iter().all(|h| *h), "every impatient client hung up");
+    let patient = caller.get(&format!("{CREDS}app"), &[]).await;
+    assert_eq!(patient.status, StatusCode::OK, "{}", patient.text());
+    assert_eq!(cluster.sts.calls(), 1);
+    assert_eq!(cluster.kube.token_request_count(), 1);
+    assert_eq!(
+        agent
+            .from("127.0.0.1")
+            .get("/latest/meta-data/iam/info", &[])
+            .await
+            .status,
+        StatusCode::NOT_FOUND,
+        "the agent still answers"
+    );
+}
+
+#[tokio::test]
+async fn a_role_sts_refuses_polled_200_times_costs_a_handful_of_exchanges() {
+    let cluster = Cluster::start().await;
+    // No trust for the role: STS answers AccessDenied every time.
+    cluster.add_pod(&pod("p", "127.0.8.2").role("denied").phase("Pending"));
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.8.2");
+    for _ in 0..200 {
+        let doc = caller.get(&format!("{CREDS}denied"), &[]).await.json();
+        assert_eq!(doc["Code"], "AssumeRoleUnauthorizedAccess");
+        assert!(doc["Message"].as_str().unwrap().contains("AccessDenied"), "{doc}");
+    }
+    let calls = cluster.sts.calls();
+    assert!((1..=3).contains(&calls), "{calls} exchanges for 200 requests");
+    assert!(
+        agent
+            .metric("imds_broker_credentials_lookups_total", "result=\"remembered\"")
+            .await
+            >= 190.0
+    );
+}
+
+#[tokio::test]
+async fn draining_finishes_requests_in_flight_refuses_new_connections_and_is_not_ready() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.sts.set_latency(Duration::from_millis(1500));
+    cluster.add_pod(&pod("p", "127.0.8.3").role("app").phase("Pending"));
+    let agent = cluster.agent(&["--shutdown-grace", "10s"]).await;
+    let caller = agent.from("127.0.8.3");
+    let in_flight = tokio::spawn(async move { caller.get(&format!("{CREDS}app"), &[]).await });
+    eventually("the exchange is under way", || async {
+        cluster.kube.token_request_count() == 1
+    })
+    .await;
+    agent.begin_stop();
+    eventually("not ready while draining", || async { !agent.is_ready().await }).await;
+    eventually("new connections refused", || async {
+        tokio::net::TcpStream::connect(agent.imds).await.is_err()
+    })
+    .await;
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_pod_on_a_terminated_pods_ip_never_gets_the_old_pods_credentials() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("old-role"));
+    cluster.sts.trust_any(&role("new-role"));
+    let old = pod("old", "127.0.8.4").role("old-role").container(running_since(60));
+    cluster.add_pod(&old);
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.8.4");
+    let served = caller.get(&format!("{CREDS}old-role"), &[]).await.json();
+    let old_key = served["AccessKeyId"].as_str().unwrap().to_owned();
+
+    // Deleting, containers still running: graceful shutdown keeps its credentials.
+    cluster.add_pod(&old.clone().deleting());
+    eventually("the deleting pod is seen", || async {
+        agent
+            .metric("imds_broker_watch_events_total", "resource=\"pods\",event=\"apply\"")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        caller.get(&format!("{CREDS}old-role"), &[]).await.status,
+        StatusCode::OK
+    );
+
+    // Its containers terminate; the CNI frees the address before the API server deletes the pod.
+    let done = ContainerFixture::Terminated(OffsetDateTime::now_utc() - time::Duration::seconds(60), 0);
+    cluster.add_pod(&old.clone().deleting().container(done));
+    eventually("the terminated pod is no longer served", || async {
+        caller.get(&format!("{CREDS}old-role"), &[]).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    // The new pod calls from the same address before its IP is published: refused, never the old role.
+    cluster.add_pod(
+        &crate::support::kube::pod("apps", "new")
+            .role("new-role")
+            .container(running_since(1)),
+    );
+    for path in [CREDS.to_owned(), format!("{CREDS}old-role"), format!("{CREDS}new-role")] {
+        let reply = caller.get(&path, &[]).await;
+        assert!(
+            matches!(reply.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::NOT_FOUND),
+            "{path}: {} {}",
+            reply.status,
+            reply.text()
+        );
+        assert!(!reply.text().contains(&old_key));
+    }
+    cluster.kube.delete_pod("apps", "old");
+    cluster.add_pod(&pod("new", "127.0.8.4").role("new-role").container(running_since(1)));
+    eventually("the new pod owns the address", || async {
+        caller.get(CREDS, &[]).await.text() == "new-role"
+    })
+    .await;
+    let doc = caller.get(&format!("{CREDS}new-role"), &[]).await.json();
+    assert_ne!(doc["AccessKeyId"].as_str().unwrap(), old_key);
+}
+
+#[tokio::test]
+async fn after_a_node_reboot_pods_are_refused_until_the_kubelet_republishes_them() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("a"));
+    cluster.sts.trust_any(&role("b"));
+    // The API server still lists both pods as they were before the reboot (started long before this
+    // machine's boot time, which the agent reads from /proc/stat): the CNI may have swapped their IPs.
+    let before_boot = ContainerFixture::Running(time::macros::datetime!(2000-01-01 0:00 UTC));
+    cluster.add_pod(&pod("a", "127.0.8.5").role("a").container(before_boot));
+    cluster.add_pod(&pod("b", "127.0.8.6").role("b").container(before_boot));
+    let agent = cluster.agent(&[]).await;
+    for source in ["127.0.8.5", "127.0.8.6"] {
+        let reply = agent.from(source).get(CREDS, &[]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{source}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(cluster.sts.calls(), 0, "nothing is prefetched for a held pod");
+    // The kubelet republishes them, with their addresses swapped.
+    cluster.add_pod(&pod("a", "127.0.8.6").role("a").container(running_since(5)));
+    cluster.add_pod(&pod("b", "127.0.8.5").role("b").container(running_since(5)));
+    eventually("both republished", || async {
+        agent.from("127.0.8.5").get(CREDS, &[]).await.text() == "b"
+            && agent.from("127.0.8.6").get(CREDS, &[]).await.text() == "a"
+    })
+    .await;
+}
