@@ -117,11 +117,14 @@ impl Exchanger {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
             .http_client(http)
+            // One HTTP call per exchange: the cache retries with its own jittered backoff, per pod, so a
+            // failing STS sees one call per backoff step instead of the SDK's three.
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
             .timeout_config(
                 aws_sdk_sts::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
                     .operation_attempt_timeout(Duration::from_secs(5))
-                    .operation_timeout(Duration::from_secs(15))
+                    .operation_timeout(Duration::from_secs(5))
                     .build(),
             );
         if let Some(endpoint) = &config.endpoint {

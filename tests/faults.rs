@@ -183,3 +183,95 @@ async fn after_a_node_reboot_pods_are_refused_until_the_kubelet_republishes_them
     })
     .await;
 }
+
+/// How STS fails in [`sts_outage`].
+#[derive(Debug, Clone, Copy)]
+enum StsDown {
+    ServerError,
+    Throttling,
+}
+
+/// Runs a pod through an STS outage that starts right after its session was obtained and lasts an
+/// hour, polling every 10 s of paused time: no request fails while its credentials are valid, STS
+/// sees at most a couple of calls a minute, and the pod gets 503 (never 404) once they are not.
+async fn sts_outage(mode: StsDown, source: &str) {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", source).role("app").container(running_since(5)));
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from(source);
+    let path = format!("{CREDS}app");
+    let first = caller.get(&path, &[]).await.json();
+    let key = first["AccessKeyId"].as_str().unwrap().to_owned();
+    let obtained = tokio::time::Instant::now();
+    match mode {
+        StsDown::ServerError => cluster.sts.set_failure(Some((503, "ServiceUnavailable"))),
+        StsDown::Throttling => cluster.sts.set_failure(Some((400, "Throttling"))),
+    }
+    let calls_before = cluster.sts.calls();
+    let (mut failed_while_valid, mut not_found) = (0, 0);
+    let usable = Duration::from_secs(55 * 60);
+    while obtained.elapsed() < Duration::from_secs(65 * 60) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let reply = caller.get(&path, &[]).await;
+        let elapsed = obtained.elapsed();
+        if elapsed < usable - Duration::from_secs(60) {
+            if reply.status != StatusCode::OK || reply.json()["AccessKeyId"] != key.as_str() {
+                failed_while_valid += 1;
+            }
+        } else if elapsed > usable + Duration::from_secs(60) {
+            assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{mode:?} at {elapsed:?}");
+        }
+        if reply.status == StatusCode::NOT_FOUND {
+            not_found += 1;
+        }
+    }
+    assert_eq!(
+        failed_while_valid, 0,
+        "{mode:?}: requests failed while the credentials were valid"
+    );
+    assert_eq!(not_found, 0);
+    // Refreshes start at 28-35 minutes; from then on retries back off to about one a minute.
+    let calls = cluster.sts.calls() - calls_before;
+    assert!(
+        (5..=2 * 37 + 2).contains(&calls),
+        "{mode:?}: {calls} STS calls during the outage"
+    );
+    assert!(
+        agent
+            .metric("imds_broker_credentials_lookups_total", "result=\"stale\"")
+            .await
+            > 0.0
+    );
+    // STS is back: the pod gets its own role again without any restart, once its backoff (at most a
+    // minute) has run out.
+    cluster.sts.set_failure(None);
+    let back = tokio::time::Instant::now();
+    while caller.get(&path, &[]).await.status != StatusCode::OK {
+        assert!(
+            back.elapsed() < Duration::from_secs(61),
+            "{mode:?}: no credentials a minute after STS returned"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let doc = caller.get(&path, &[]).await.json();
+    assert_ne!(doc["AccessKeyId"], key.as_str());
+    assert!(
+        cluster
+            .sts
+            .whois(doc["AccessKeyId"].as_str().unwrap())
+            .unwrap()
+            .role_arn
+            == role("app")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sts_outage_with_server_errors_fails_no_request_while_credentials_are_valid() {
+    sts_outage(StsDown::ServerError, "127.0.8.7").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sts_throttling_fails_no_request_while_credentials_are_valid() {
+    sts_outage(StsDown::Throttling, "127.0.8.8").await;
+}
