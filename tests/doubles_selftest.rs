@@ -3,8 +3,11 @@
 //!
 //! If these fail, every other integration test is suspect: they show the doubles speak the wire
 //! protocol the product's clients expect (list-then-watch, 410 relists, bookmarks, pagination,
-//! TokenRequest, the STS query protocol and its errors).
+//! TokenRequest, the STS query protocol and its errors), and that their injected faults (slow lists,
+//! late watch events, outages, refused connections, latency) behave as documented on tokio's paused
+//! clock.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,9 +19,11 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, Event};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::support::jwt::{self, Claims, Signer};
-use crate::support::kube::{self as fake, FakeKube};
+use crate::support::kube::{self as fake, FakeKube, Kind, Outage};
 use crate::support::sts::FakeSts;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -549,10 +554,370 @@ async fn sts_injects_failures_and_latency() {
     sts.set_failure(None);
 
     sts.set_latency(Duration::from_millis(200));
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     bounded(assume(&client, ROLE, &token)).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(200));
     let log = sts.call_log();
     assert_eq!(log.iter().filter(|c| c.outcome == "OK").count(), 2);
     assert_eq!(log.iter().filter(|c| c.status == 503).count(), 3);
+    sts.set_latency(Duration::ZERO);
+
+    // Throttling (a 400) and a 500 are retryable for the SDK too.
+    for (status, code) in [(400, "Throttling"), (500, "InternalFailure")] {
+        let before = sts.calls();
+        sts.set_failure(Some((status, code)));
+        assert_eq!(bounded(assume(&client, ROLE, &token)).await.unwrap_err().0, code);
+        assert_eq!(sts.calls() - before, 3, "{code} retried");
+        assert!(
+            sts.call_log()[before..]
+                .iter()
+                .all(|c| c.status == status && c.outcome == code)
+        );
+    }
+    sts.set_failure(None);
+    bounded(assume(&client, ROLE, &token)).await.unwrap();
+}
+
+/// One HTTP/1.1 exchange over a fresh connection: the raw answer, or the I/O error that ended it.
+async fn raw_http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<Vec<u8>> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(answer)
+}
+
+/// The status code and JSON body of a raw answer.
+fn parse_answer(answer: &[u8]) -> (u16, serde_json::Value) {
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete HTTP answer");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(start_paused = true)]
+async fn kube_list_delay_slows_one_kind_and_answers_with_the_state_at_the_end() {
+    let kube = FakeKube::start().await;
+    kube.upsert_pod(fake::pod("default", "a"));
+    kube.upsert_service_account(fake::service_account("default", "app"));
+    let pods: Api<Pod> = Api::all(kube.client());
+    let accounts: Api<ServiceAccount> = Api::all(kube.client());
+    let names = |list: &kube::core::ObjectList<Pod>| list.items.iter().map(name).collect::<Vec<_>>();
+
+    // Pods slow, service accounts fast.
+    kube.set_list_delay(Kind::Pod, Duration::from_secs(5));
+    let started = Instant::now();
+    let slow = tokio::spawn({
+        let pods = pods.clone();
+        async move { (pods.list(&ListParams::default()).await.unwrap(), started.elapsed()) }
+    });
+    let fast = bounded(accounts.list(&ListParams::default())).await.unwrap();
+    assert_eq!(fast.items.len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = kube.upsert_pod(fake::pod("default", "b"));
+    let (list, took) = bounded(slow).await.unwrap();
+    assert!(took >= Duration::from_secs(5), "answered after {took:?}");
+    assert_eq!(names(&list), vec!["a", "b"], "written during the delay, so listed");
+    assert_eq!(
+        list.metadata.resource_version.as_deref(),
+        b["metadata"]["resourceVersion"].as_str()
+    );
+
+    // The reverse.
+    kube.set_list_delay(Kind::Pod, Duration::ZERO);
+    kube.set_list_delay(Kind::ServiceAccount, Duration::from_secs(5));
+    let started = Instant::now();
+    let slow = tokio::spawn({
+        let accounts = accounts.clone();
+        async move { (accounts.list(&ListParams::default()).await.unwrap(), started.elapsed()) }
+    });
+    assert_eq!(bounded(pods.list(&ListParams::default())).await.unwrap().items.len(), 2);
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    let (list, took) = bounded(slow).await.unwrap();
+    assert!(took >= Duration::from_secs(5), "answered after {took:?}");
+    assert_eq!(list.items.len(), 1);
+    // A watch is not a list: it starts at once.
+    let rv = kube.resource_version().to_string();
+    let started = Instant::now();
+    let _stream = bounded(accounts.watch(&WatchParams::default(), &rv)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn kube_event_delay_and_jitter_reorder_kinds_but_keep_order_within_a_watch() {
+    let kube = FakeKube::start().await;
+    let pods: Api<Pod> = Api::all(kube.client());
+    let accounts: Api<ServiceAccount> = Api::all(kube.client());
+    let rv = kube.resource_version().to_string();
+    let params = WatchParams::default().disable_bookmarks().timeout(3600);
+    let mut pod_events = bounded(pods.watch(&params, &rv)).await.unwrap().boxed();
+    let mut sa_events = bounded(accounts.watch(&params, &rv)).await.unwrap().boxed();
+    bounded(kube.wait_for_watches(2)).await;
+
+    // The pod changes first but its event comes last.
+    kube.set_event_delay(Kind::Pod, Duration::from_secs(3));
+    let written = Instant::now();
+    kube.upsert_pod(fake::pod("default", "p"));
+    kube.upsert_service_account(fake::service_account("default", "s"));
+    match next(&mut sa_events).await {
+        Ok(WatchEvent::Added(sa)) => assert_eq!(name(&sa), "s"),
+        other => panic!("expected Added(s), got {other:?}"),
+    }
+    assert!(written.elapsed() < Duration::from_secs(1), "{:?}", written.elapsed());
+    match next(&mut pod_events).await {
+        Ok(WatchEvent::Added(pod)) => assert_eq!(name(&pod), "p"),
+        other => panic!("expected Added(p), got {other:?}"),
+    }
+    assert!(written.elapsed() >= Duration::from_secs(3), "{:?}", written.elapsed());
+
+    // Jitter spreads the events out, in resourceVersion order.
+    kube.set_event_delay(Kind::Pod, Duration::from_secs(1));
+    kube.set_event_jitter(Kind::Pod, Duration::from_secs(2));
+    let written = Instant::now();
+    for i in 0..20 {
+        kube.upsert_pod(fake::pod("default", &format!("q{i:02}")));
+    }
+    let mut arrivals = Vec::new();
+    let mut versions = Vec::new();
+    for i in 0..20 {
+        match next(&mut pod_events).await {
+            Ok(WatchEvent::Added(pod)) => {
+                assert_eq!(name(&pod), format!("q{i:02}"));
+                versions.push(pod.metadata.resource_version.unwrap().parse::<u64>().unwrap());
+            }
+            other => panic!("expected Added(q{i:02}), got {other:?}"),
+        }
+        arrivals.push(written.elapsed());
+    }
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    assert!(arrivals[0] >= Duration::from_secs(1), "{arrivals:?}");
+    assert!(arrivals[19] <= Duration::from_secs(3), "{arrivals:?}");
+    assert!(arrivals[19] > Duration::from_secs(1), "no jitter: {arrivals:?}");
+
+    // Back to immediate delivery.
+    kube.set_event_delay(Kind::Pod, Duration::ZERO);
+    kube.set_event_jitter(Kind::Pod, Duration::ZERO);
+    let written = Instant::now();
+    kube.delete_pod("default", "p");
+    match next(&mut pod_events).await {
+        Ok(WatchEvent::Deleted(pod)) => assert_eq!(name(&pod), "p"),
+        other => panic!("expected Deleted(p), got {other:?}"),
+    }
+    assert!(written.elapsed() < Duration::from_secs(1), "{:?}", written.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn kube_bookmarks_do_not_overtake_delayed_events() {
+    let kube = FakeKube::start().await;
+    kube.set_bookmark_interval(Duration::from_millis(100));
+    kube.set_event_delay(Kind::Pod, Duration::from_secs(2));
+    let pods: Api<Pod> = Api::all(kube.client());
+    let rv = kube.resource_version().to_string();
+    let params = WatchParams::default().fields("spec.nodeName=node-1").timeout(3600);
+    let mut stream = bounded(pods.watch(&params, &rv)).await.unwrap().boxed();
+    bounded(kube.wait_for_watches(1)).await;
+    let written = Instant::now();
+    kube.upsert_pod(fake::pod("default", "mine").node(Some("node-1")));
+    let other = kube.upsert_pod(fake::pod("default", "elsewhere").node(Some("node-2")));
+    match next(&mut stream).await {
+        Ok(WatchEvent::Added(pod)) => assert_eq!(name(&pod), "mine"),
+        other => panic!("expected Added(mine) first, got {other:?}"),
+    }
+    assert!(written.elapsed() >= Duration::from_secs(2), "{:?}", written.elapsed());
+    match next(&mut stream).await {
+        Ok(WatchEvent::Bookmark(bookmark)) => assert_eq!(
+            Some(bookmark.metadata.resource_version.as_str()),
+            other["metadata"]["resourceVersion"].as_str()
+        ),
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn kube_raw_watch_resuming_after_compaction_gets_410_expired() {
+    let kube = FakeKube::start().await;
+    let pods: Api<Pod> = Api::all(kube.client());
+    let rv = bounded(pods.list(&ListParams::default()))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut stream = bounded(pods.watch(&WatchParams::default(), &rv)).await.unwrap().boxed();
+    bounded(kube.wait_for_watches(1)).await;
+    kube.upsert_pod(fake::pod("default", "a"));
+    assert!(matches!(next(&mut stream).await, Ok(WatchEvent::Added(_))));
+    kube.compact();
+    kube.break_watches();
+    assert!(bounded(stream.next()).await.is_none(), "the stream ends");
+    let mut resumed = bounded(pods.watch(&WatchParams::default(), &rv)).await.unwrap().boxed();
+    match next(&mut resumed).await {
+        Ok(WatchEvent::Error(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+        }
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    assert!(
+        bounded(resumed.next()).await.is_none(),
+        "an ERROR event ends the stream"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn kube_outage_cuts_watches_and_fails_api_requests_until_it_ends() {
+    let kube = FakeKube::start().await;
+    kube.upsert_pod(fake::pod("default", "a"));
+    let pods: Api<Pod> = Api::all(kube.client());
+    let watch = || async {
+        let rv = kube.resource_version().to_string();
+        let stream = bounded(pods.watch(&WatchParams::default().timeout(3600), &rv))
+            .await
+            .unwrap()
+            .boxed();
+        bounded(kube.wait_for_watches(1)).await;
+        stream
+    };
+
+    // Unavailable: watches end, API requests get a 503 Status, control requests still work.
+    let mut stream = watch().await;
+    kube.set_outage(Some(Outage::Unavailable));
+    assert!(bounded(stream.next()).await.is_none(), "the watch is cut");
+    assert_eq!(kube.open_watches(), 0);
+    let (status, body) = parse_answer(&raw_http(kube.addr(), "GET", "/api/v1/pods", "").await.unwrap());
+    assert_eq!(status, 503);
+    assert_eq!(body["kind"], "Status");
+    assert_eq!(body["reason"], "ServiceUnavailable");
+    assert_eq!(body["code"], 503);
+    let (status, _) = parse_answer(&raw_http(kube.addr(), "GET", "/_double/stats", "").await.unwrap());
+    assert_eq!(status, 200);
+    // kube-client retries 503s with backoff, so a list started during the outage succeeds after it.
+    let before = kube.request_count();
+    let list = tokio::spawn({
+        let pods = pods.clone();
+        async move { pods.list(&ListParams::default()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let attempts = kube.request_count() - before;
+    assert!(attempts > 1, "{attempts} attempts in the first second");
+    kube.set_outage(None);
+    assert_eq!(bounded(list).await.unwrap().unwrap().items.len(), 1);
+
+    // Reset, over the control endpoint: no answer at all, the connection is reset.
+    let mut stream = watch().await;
+    let (status, _) = parse_answer(
+        &raw_http(kube.addr(), "POST", "/_double/outage", r#"{"mode": "reset"}"#)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(status, 200);
+    assert!(bounded(stream.next()).await.is_none(), "the watch is cut");
+    let error = raw_http(kube.addr(), "GET", "/api/v1/pods", "").await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    let error = bounded(pods.list(&ListParams::default())).await.unwrap_err();
+    assert!(!matches!(error, kube::Error::Api(_)), "no API answer: {error}");
+    let rv = kube.resource_version().to_string();
+    assert!(bounded(pods.watch(&WatchParams::default(), &rv)).await.is_err());
+    assert_eq!(kube.open_watches(), 0);
+    let (status, _) = parse_answer(&raw_http(kube.addr(), "POST", "/_double/outage", "null").await.unwrap());
+    assert_eq!(status, 200);
+    assert_eq!(bounded(pods.list(&ListParams::default())).await.unwrap().items.len(), 1);
+    let (status, body) = parse_answer(
+        &raw_http(kube.addr(), "POST", "/_double/outage", r#"{"mode": "sometimes"}"#)
+            .await
+            .unwrap(),
+    );
+    assert_eq!((status, body["reason"].as_str()), (400, Some("BadRequest")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sts_records_concurrency_and_call_times_on_the_tokio_clock() {
+    let kube = FakeKube::start().await;
+    let (pod, uid) = seed_app(&kube);
+    let sts = FakeSts::start(&kube.jwks(), &kube.issuer()).await;
+    sts.trust_all(true);
+    let client = sts_client(&sts);
+    let token = mint(&kube, "app", &pod, &uid, jwt::STS_AUDIENCE).await.unwrap();
+
+    // Five at once, each held by the latency.
+    sts.set_latency(Duration::from_secs(10));
+    let started = Instant::now();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, token) = (client.clone(), token.clone());
+            tokio::spawn(async move { assume(&client, ROLE, &token).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(sts.in_flight(), 5);
+    for call in calls {
+        bounded(call).await.unwrap().unwrap();
+    }
+    assert!(started.elapsed() >= Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!((sts.in_flight(), sts.max_in_flight()), (0, 5));
+
+    // One at a time, a minute later.
+    sts.reset_max_in_flight();
+    assert_eq!(sts.max_in_flight(), 0);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    bounded(assume(&client, ROLE, &token)).await.unwrap();
+    bounded(assume(&client, ROLE, &token)).await.unwrap();
+    assert_eq!(sts.max_in_flight(), 1);
+
+    let log = sts.call_log();
+    let minute = |c: &crate::support::sts::Call| c.at.duration_since(started).as_secs() / 60;
+    assert_eq!(log.iter().filter(|c| minute(c) == 0).count(), 5);
+    assert_eq!(log.iter().filter(|c| minute(c) == 1).count(), 2);
+    assert!(log[5].at.duration_since(log[4].at) >= Duration::from_secs(60));
+    let serialized = serde_json::to_value(&log[0]).unwrap();
+    assert!(serialized.get("at").is_none(), "{serialized}");
+}
+
+#[tokio::test]
+async fn sts_refuses_connections_while_stopped_and_resumes_with_its_state() {
+    let kube = FakeKube::start().await;
+    let (pod, uid) = seed_app(&kube);
+    let sts = FakeSts::start(&kube.jwks(), &kube.issuer()).await;
+    sts.trust(ROLE, "system:serviceaccount:default:app");
+    let client = sts_client(&sts);
+    let token = mint(&kube, "app", &pod, &uid, jwt::STS_AUDIENCE).await.unwrap();
+    let first = bounded(assume(&client, ROLE, &token)).await.unwrap();
+
+    bounded(sts.stop_listening()).await;
+    let refused = tokio::net::TcpStream::connect(sts.addr()).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    let failed = bounded(
+        client
+            .assume_role_with_web_identity()
+            .role_arn(ROLE)
+            .role_session_name("default.app-1")
+            .web_identity_token(&token)
+            .send(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(failed, aws_sdk_sts::error::SdkError::DispatchFailure(_)),
+        "{failed:?}"
+    );
+    assert_eq!(sts.calls(), 1);
+
+    bounded(sts.resume_listening()).await;
+    let second = bounded(assume(&client, ROLE, &token)).await.unwrap();
+    assert_ne!(second.access_key_id, first.access_key_id);
+    assert_eq!(
+        sts.whois(&first.access_key_id).unwrap().pod_uid.as_deref(),
+        Some(uid.as_str())
+    );
+    assert_eq!(sts.calls(), 2);
+    assert_eq!(sts.issued().len(), 2);
 }

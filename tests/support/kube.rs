@@ -17,6 +17,11 @@
 //! - `GET /openid/v1/jwks`, `GET /.well-known/openid-configuration`, `GET /version`, `GET /api`;
 //! - `/_double/...` control endpoints for scripts (see [`FakeKube`]); not counted as API requests.
 //!
+//! Faults a test can inject, all on tokio's clock (so they compress under `tokio::time::pause()`):
+//! slow lists per kind, watch events delivered late (a fixed delay plus random jitter per kind, in
+//! order within each watch, so events of different kinds can arrive out of order), failing
+//! TokenRequests, compaction, broken watches, and API outages (503s, or connections reset unanswered).
+//!
 //! Anything else is a 404 Status. Tokens are never logged or echoed anywhere but the TokenRequest answer.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -38,6 +43,7 @@ use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::jwt::{self, Claims, Signer};
 
@@ -123,6 +129,17 @@ impl Kind {
     }
 }
 
+/// How the API is down during [`FakeKube::set_outage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Every API request is answered 503 with a `ServiceUnavailable` Status (an API server that is
+    /// up but not serving, or a load balancer without healthy backends).
+    Unavailable,
+    /// Every API request gets no answer: its connection is reset (a crashed API server, a dropped
+    /// load balancer flow).
+    Reset,
+}
+
 /// One TokenRequest the double received (the token itself is not kept).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TokenRequestRecord {
@@ -152,6 +169,8 @@ enum EventType {
 #[derive(Debug)]
 struct Change {
     rv: u64,
+    /// When the change was written, for [`FakeKube::set_event_delay`].
+    at: Instant,
     kind: Kind,
     event: EventType,
     old: Option<Arc<Value>>,
@@ -175,6 +194,10 @@ struct State {
     token_requests: Vec<TokenRequestRecord>,
     token_failure: Option<u16>,
     request_log: VecDeque<String>,
+    outage: Option<Outage>,
+    list_delay: HashMap<Kind, Duration>,
+    event_delay: HashMap<Kind, Duration>,
+    event_jitter: HashMap<Kind, Duration>,
 }
 
 struct Shared {
@@ -196,7 +219,8 @@ struct Shared {
 /// Control endpoints (for scripts; not counted by [`FakeKube::request_count`]):
 /// `GET /_double/stats` → `{"requests", "token_requests": [...], "token_request_count", "open_watches",
 /// "resource_version"}`; `POST /_double/compact`; `POST /_double/break-watches`;
-/// `POST /_double/token-failure` with `{"status": 503}` or `null`.
+/// `POST /_double/token-failure` with `{"status": 503}` or `null`; `POST /_double/outage` with
+/// `{"mode": "unavailable"}`, `{"mode": "reset"}` or `null` (see [`FakeKube::set_outage`]).
 pub struct FakeKube {
     shared: Arc<Shared>,
     addr: SocketAddr,
@@ -234,6 +258,10 @@ impl FakeKube {
                 token_requests: Vec::new(),
                 token_failure: None,
                 request_log: VecDeque::new(),
+                outage: None,
+                list_delay: HashMap::new(),
+                event_delay: HashMap::new(),
+                event_jitter: HashMap::new(),
             }),
             changes,
             breaker: watch::Sender::new(0),
@@ -415,6 +443,44 @@ impl FakeKube {
     pub fn set_bookmark_interval(&self, every: Duration) {
         let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
         self.shared.bookmark_interval_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Makes every plain list (a GET of a collection that is not a watch, each page) of `kind` wait
+    /// `delay` before it is answered; the answer is the state at the end of the wait, as a slow
+    /// API server reading from etcd. `Duration::ZERO` answers at once again.
+    pub fn set_list_delay(&self, kind: Kind, delay: Duration) {
+        set_or_clear(&mut self.shared.lock().list_delay, kind, delay);
+    }
+
+    /// Delivers every watch event of `kind` `delay` after its change was written (plus the jitter of
+    /// [`FakeKube::set_event_jitter`]), as a lagging watch cache. Each watch keeps resourceVersion
+    /// order: an event is never sent before the one before it, and bookmarks wait for delayed events.
+    /// Applies to events replayed from history on a resume too, not to the initial `ADDED` state of a
+    /// watch without a resourceVersion or of a streaming list. `Duration::ZERO` delivers at once again.
+    pub fn set_event_delay(&self, kind: Kind, delay: Duration) {
+        set_or_clear(&mut self.shared.lock().event_delay, kind, delay);
+    }
+
+    /// Adds a uniformly random extra delay between zero and `max` to each watch event of `kind`
+    /// (drawn per watch and event); see [`FakeKube::set_event_delay`]. `Duration::ZERO` for none.
+    pub fn set_event_jitter(&self, kind: Kind, max: Duration) {
+        set_or_clear(&mut self.shared.lock().event_jitter, kind, max);
+    }
+
+    /// Starts (`Some`) or ends (`None`) an API outage. Starting one cuts every open watch, as
+    /// [`FakeKube::break_watches`] does; while it lasts every API request (not `/_double/` control
+    /// requests) fails the [`Outage`] way, including lists still waiting out a
+    /// [`FakeKube::set_list_delay`]. Failed requests are still counted and logged.
+    pub fn set_outage(&self, outage: Option<Outage>) {
+        self.shared.set_outage(outage);
+    }
+}
+
+fn set_or_clear(map: &mut HashMap<Kind, Duration>, kind: Kind, value: Duration) {
+    if value.is_zero() {
+        map.remove(&kind);
+    } else {
+        map.insert(kind, value);
     }
 }
 
@@ -734,6 +800,17 @@ impl Shared {
         self.open_watches.send_replace(0);
     }
 
+    /// Sets the outage and cuts the watches under one lock, so no watch that started before the
+    /// outage survives it ([`start_watch`] checks for an outage under the lock).
+    fn set_outage(&self, outage: Option<Outage>) {
+        let mut st = self.lock();
+        st.outage = outage;
+        if outage.is_some() {
+            self.breaker.send_modify(|g| *g += 1);
+            self.open_watches.send_replace(0);
+        }
+    }
+
     /// Runs `f` under the lock and publishes the changes it recorded, still under the lock, so a watch
     /// that subscribes under the lock sees every change exactly once.
     fn write<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -759,6 +836,7 @@ impl State {
     fn record(&mut self, kind: Kind, event: EventType, old: Option<Arc<Value>>, new: Arc<Value>) {
         let change = Arc::new(Change {
             rv: self.rv,
+            at: Instant::now(),
             kind,
             event,
             old,
@@ -1146,9 +1224,26 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Ok(collected) => collected.to_bytes(),
         Err(_) => return ApiError::bad_request("unreadable body").response(),
     };
+    if !path.starts_with("/_double/")
+        && let Some(outage) = shared.lock().outage
+    {
+        return outage_response(outage);
+    }
     match route(&shared, &method, &path, &query, &body).await {
         Ok(response) => response,
         Err(error) => error.response(),
+    }
+}
+
+/// What a request gets during an outage.
+fn outage_response(outage: Outage) -> Response<Body> {
+    match outage {
+        Outage::Unavailable => ApiError::for_status(503).response(),
+        Outage::Reset => {
+            let mut response = Response::new(full(Bytes::new()));
+            response.extensions_mut().insert(super::wire::Reset);
+            response
+        }
     }
 }
 
@@ -1194,12 +1289,12 @@ async fn route(
         (_, ["_double", rest @ ..]) => control(shared, method, rest, body),
         (&Method::GET, ["api", "v1", plural]) => {
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
-            collection_get(shared, kind, None, query)
+            collection_get(shared, kind, None, query).await
         }
         (_, ["api", "v1", "namespaces", ns, plural]) => {
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
             match *method {
-                Method::GET => collection_get(shared, kind, Some(ns), query),
+                Method::GET => collection_get(shared, kind, Some(ns), query).await,
                 Method::POST => create(shared, kind, ns, body),
                 _ => Err(method_not_allowed(method)),
             }
@@ -1418,7 +1513,7 @@ fn strip_type_meta(obj: &Value) -> Value {
     obj
 }
 
-fn collection_get(
+async fn collection_get(
     shared: &Arc<Shared>,
     kind: Kind,
     namespace: Option<&str>,
@@ -1427,6 +1522,13 @@ fn collection_get(
     let filter = Filter::parse(kind, namespace, query)?;
     if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
         return start_watch(shared, kind, filter, query);
+    }
+    let delay = shared.lock().list_delay.get(&kind).copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+        if let Some(outage) = shared.lock().outage {
+            return Ok(outage_response(outage));
+        }
     }
     let limit: Option<usize> = match query.get("limit").filter(|l| !l.is_empty()) {
         Some(l) => Some(
@@ -1598,8 +1700,12 @@ fn start_watch(
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
     let mut initial: Vec<Bytes> = Vec::new();
+    let mut replay: Vec<Arc<Change>> = Vec::new();
     let (changes, start_rv, guard, breaker) = {
         let st = shared.lock();
+        if let Some(outage) = st.outage {
+            return Ok(outage_response(outage));
+        }
         let changes = shared.changes.subscribe();
         let breaker = shared.breaker.subscribe();
         let guard = WatchGuard {
@@ -1613,12 +1719,7 @@ fn start_watch(
                     initial.push(gone_line(rv, st.compacted));
                     (None, st.rv, guard, breaker)
                 } else {
-                    initial.extend(
-                        st.history
-                            .iter()
-                            .filter(|c| c.rv > rv)
-                            .filter_map(|c| translate(c, kind, &filter)),
-                    );
+                    replay.extend(st.history.iter().filter(|c| c.rv > rv).cloned());
                     (Some(changes), st.rv, guard, breaker)
                 }
             }
@@ -1634,11 +1735,14 @@ fn start_watch(
     };
     let shutdown = shared.shutdown.subscribe();
     let every = Duration::from_millis(shared.bookmark_interval_ms.load(Ordering::SeqCst));
+    let shared_for_pump = shared.clone();
     tokio::spawn(async move {
         let _guard = guard;
         pump(Pump {
+            shared: shared_for_pump,
             tx,
             initial,
+            replay,
             changes,
             kind,
             filter,
@@ -1661,8 +1765,12 @@ fn start_watch(
 }
 
 struct Pump {
+    shared: Arc<Shared>,
     tx: mpsc::Sender<Bytes>,
+    /// Sent first and at once: the current state, or a 410 ERROR.
     initial: Vec<Bytes>,
+    /// History after the requested resourceVersion, delivered like live changes.
+    replay: Vec<Arc<Change>>,
     changes: Option<broadcast::Receiver<Arc<Change>>>,
     kind: Kind,
     filter: Filter,
@@ -1672,6 +1780,77 @@ struct Pump {
     timeout: Duration,
     breaker: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// A line waiting for its delivery time ([`FakeKube::set_event_delay`]).
+struct Scheduled {
+    due: Instant,
+    rv: u64,
+    line: Bytes,
+    /// The stream ends after this line.
+    last: bool,
+}
+
+/// The lines of one watch not sent yet, in the order they must be sent.
+struct Outbox {
+    queue: VecDeque<Scheduled>,
+    /// Due time of the latest line queued: a later line is never due before it.
+    last_due: Instant,
+    /// The resourceVersion of the last line sent.
+    announced: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, due: Instant, rv: u64, line: Bytes, last: bool) {
+        let due = due.max(self.last_due);
+        self.last_due = due;
+        self.queue.push_back(Scheduled { due, rv, line, last });
+    }
+
+    /// Queues what `change` means to this watch, due after the configured delay and jitter.
+    fn schedule(&mut self, p: &Pump, change: &Change) {
+        let Some(line) = translate(change, p.kind, &p.filter) else {
+            return;
+        };
+        let (delay, jitter) = {
+            let st = p.shared.lock();
+            let get = |map: &HashMap<Kind, Duration>| map.get(&p.kind).copied().unwrap_or_default();
+            (get(&st.event_delay), get(&st.event_jitter))
+        };
+        let extra = if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(rand::random_range(
+                0..=u64::try_from(jitter.as_nanos()).unwrap_or(u64::MAX),
+            ))
+        };
+        self.push(change.at + delay + extra, change.rv, line, false);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.queue.front().map(|s| s.due)
+    }
+
+    /// Sends every line that is due; false when the stream is to end.
+    async fn flush(&mut self, tx: &mpsc::Sender<Bytes>) -> bool {
+        let now = Instant::now();
+        while self.queue.front().is_some_and(|s| s.due <= now) {
+            let Some(next) = self.queue.pop_front() else {
+                break;
+            };
+            if tx.send(next.line).await.is_err() || next.last {
+                return false;
+            }
+            self.announced = next.rv;
+        }
+        true
+    }
+}
+
+enum Wake {
+    Due,
+    Change(Result<Arc<Change>, broadcast::error::RecvError>),
+    Tick,
 }
 
 async fn pump(mut p: Pump) {
@@ -1685,37 +1864,54 @@ async fn pump(mut p: Pump) {
     };
     let deadline = tokio::time::sleep(p.timeout);
     tokio::pin!(deadline);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + p.every, p.every);
+    let mut ticker = tokio::time::interval_at(Instant::now() + p.every, p.every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut announced = p.last_rv;
+    let mut outbox = Outbox {
+        queue: VecDeque::new(),
+        last_due: Instant::now(),
+        announced: p.last_rv,
+    };
+    for change in std::mem::take(&mut p.replay) {
+        outbox.schedule(&p, &change);
+    }
+    // After a lagged receive only the queued lines and the ERROR remain to be sent.
+    let mut ending = false;
     loop {
-        let (line, last) = tokio::select! {
+        if !outbox.flush(&p.tx).await {
+            return;
+        }
+        let next_due = outbox.next_due();
+        let idle = outbox.queue.is_empty();
+        let wake = tokio::select! {
             () = &mut deadline => return,
             _ = p.breaker.changed() => return,
             _ = p.shutdown.changed() => return,
             () = p.tx.closed() => return,
-            received = changes.recv() => match received {
-                Ok(change) => {
-                    p.last_rv = change.rv;
-                    match translate(&change, p.kind, &p.filter) {
-                        Some(line) => (line, false),
-                        None => continue,
-                    }
-                }
-                // Too slow a reader: the real server drops it the same way.
-                Err(broadcast::error::RecvError::Lagged(_)) => (gone_line(p.last_rv, p.last_rv + 1), true),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            _ = ticker.tick(), if p.bookmarks => {
-                if p.last_rv == announced {
-                    continue;
-                }
-                (bookmark_line(p.kind, p.last_rv, false), false)
-            }
+            () = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => Wake::Due,
+            received = changes.recv(), if !ending => Wake::Change(received),
+            // A bookmark must not overtake a delayed event: the client would resume after it.
+            _ = ticker.tick(), if p.bookmarks && idle && !ending => Wake::Tick,
         };
-        announced = p.last_rv;
-        if p.tx.send(line).await.is_err() || last {
-            return;
+        match wake {
+            Wake::Due => {}
+            Wake::Change(Ok(change)) => {
+                p.last_rv = change.rv;
+                outbox.schedule(&p, &change);
+            }
+            // Too slow a reader: the real server drops it the same way.
+            Wake::Change(Err(broadcast::error::RecvError::Lagged(_))) => {
+                outbox.push(Instant::now(), p.last_rv, gone_line(p.last_rv, p.last_rv + 1), true);
+                ending = true;
+            }
+            Wake::Change(Err(broadcast::error::RecvError::Closed)) => return,
+            Wake::Tick => {
+                if p.last_rv != outbox.announced {
+                    if p.tx.send(bookmark_line(p.kind, p.last_rv, false)).await.is_err() {
+                        return;
+                    }
+                    outbox.announced = p.last_rv;
+                }
+            }
         }
     }
 }
@@ -1899,6 +2095,21 @@ fn control(shared: &Arc<Shared>, method: &Method, rest: &[&str], body: &[u8]) ->
                 other => other.get("status").and_then(Value::as_u64).map(|n| n as u16),
             };
             shared.lock().token_failure = status;
+            Ok(ok())
+        }
+        (&Method::POST, ["outage"]) => {
+            let v: Value = if body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?
+            };
+            let outage = match v.get("mode").and_then(Value::as_str) {
+                _ if v.is_null() => None,
+                Some("unavailable") => Some(Outage::Unavailable),
+                Some("reset") => Some(Outage::Reset),
+                _ => return Err(ApiError::bad_request("mode must be \"unavailable\" or \"reset\"")),
+            };
+            shared.set_outage(outage);
             Ok(ok())
         }
         _ => Err(ApiError::for_status(404)),

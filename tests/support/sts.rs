@@ -7,12 +7,14 @@
 //! `AssumeRoleWithWebIdentityResponse` or STS `ErrorResponse` XML, status codes and `x-amzn-RequestId`.
 //!
 //! It records every call and every credential it issued together with the pod the token was bound to,
-//! so a test can prove which pod a credential was minted for ([`FakeSts::whois`]). Latency and failures
-//! can be injected. `/_double/...` endpoints expose the same controls over HTTP for scripts (see
-//! [`FakeSts`]). Tokens and secrets are never logged.
+//! so a test can prove which pod a credential was minted for ([`FakeSts::whois`]), when each call
+//! arrived and how many were served at once. Latency (on tokio's clock) and failures can be injected,
+//! and the listener can be closed and reopened to refuse connections. `/_double/...` endpoints expose
+//! the controls over HTTP for scripts (see [`FakeSts`]). Tokens and secrets are never logged.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,6 +29,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::jwt::{self, Verifier, VerifyError};
 
@@ -69,6 +72,9 @@ pub struct Call {
     pub status: u16,
     /// `"OK"` or the error code answered.
     pub outcome: String,
+    /// When the request arrived, on tokio's clock (paused in compressed-time tests).
+    #[serde(skip)]
+    pub at: Instant,
 }
 
 struct StsState {
@@ -88,12 +94,62 @@ struct StsState {
 struct StsShared {
     verifier: Verifier,
     state: Mutex<StsState>,
-    shutdown: watch::Sender<bool>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 impl StsShared {
     fn lock(&self) -> MutexGuard<'_, StsState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts one `AssumeRoleWithWebIdentity` as in flight until dropped (answered, or abandoned by a
+/// closed connection).
+struct InFlight<'a>(&'a StsShared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a StsShared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The accept loop and the connections of one listening period.
+struct Listening {
+    accept: JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Listening {
+    fn start(shared: &Arc<StsShared>, listener: TcpListener) -> Self {
+        let shutdown = watch::Sender::new(false);
+        let accept = tokio::spawn(super::wire::serve(listener, Some(shutdown.subscribe()), {
+            let shared = shared.clone();
+            move |req| handle(shared.clone(), req)
+        }));
+        Self { accept, shutdown }
+    }
+
+    /// Closes the listening socket and every open connection, without waiting.
+    fn abort(&self) {
+        self.accept.abort();
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Closes the listening socket and every open connection, and waits until they are closed.
+    async fn stop(self) {
+        self.abort();
+        let _ = self.accept.await;
+        // Every connection task holds a receiver until its connection is dropped.
+        self.shutdown.closed().await;
     }
 }
 
@@ -107,13 +163,14 @@ impl StsShared {
 pub struct FakeSts {
     shared: Arc<StsShared>,
     addr: SocketAddr,
-    accept: JoinHandle<()>,
+    listening: Mutex<Option<Listening>>,
 }
 
 impl Drop for FakeSts {
     fn drop(&mut self) {
-        self.accept.abort();
-        let _ = self.shared.shutdown.send(true);
+        if let Some(listening) = self.listening.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            listening.abort();
+        }
     }
 }
 
@@ -146,13 +203,42 @@ impl FakeSts {
                 issued: Vec::new(),
                 by_key: HashMap::new(),
             }),
-            shutdown: watch::Sender::new(false),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
-        let accept = tokio::spawn(super::wire::serve(listener, Some(shared.shutdown.subscribe()), {
-            let shared = shared.clone();
-            move |req| handle(shared.clone(), req)
-        }));
-        Ok(Self { shared, addr, accept })
+        let listening = Mutex::new(Some(Listening::start(&shared, listener)));
+        Ok(Self {
+            shared,
+            addr,
+            listening,
+        })
+    }
+
+    fn listening(&self) -> MutexGuard<'_, Option<Listening>> {
+        self.listening.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the listening socket, so connecting to [`FakeSts::addr`] is refused, and ends every open
+    /// connection (requests in progress get no answer). Returns once both are closed. The state
+    /// (trust rules, calls, issued credentials) is kept for [`FakeSts::resume_listening`].
+    pub async fn stop_listening(&self) {
+        let stopped = self.listening().take();
+        if let Some(listening) = stopped {
+            listening.stop().await;
+        }
+    }
+
+    /// Listens on the same address again after [`FakeSts::stop_listening`], with the same state.
+    /// Does nothing if it is listening. Panics if the address cannot be bound again.
+    pub async fn resume_listening(&self) {
+        if self.listening().is_some() {
+            return;
+        }
+        let listener = TcpListener::bind(self.addr).await.expect("bind the STS double again");
+        let mut listening = self.listening();
+        if listening.is_none() {
+            *listening = Some(Listening::start(&self.shared, listener));
+        }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -227,7 +313,26 @@ impl FakeSts {
             .count()
     }
 
-    /// Every call, in order.
+    /// `AssumeRoleWithWebIdentity` requests being processed now, from their arrival until their answer
+    /// is handed to the connection (injected latency included).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most [`FakeSts::in_flight`] requests seen at once since the start or the last
+    /// [`FakeSts::reset_max_in_flight`].
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts counting [`FakeSts::max_in_flight`] again from the requests in flight now.
+    pub fn reset_max_in_flight(&self) {
+        self.shared
+            .max_in_flight
+            .store(self.shared.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Every call, in the order they were answered.
     pub fn call_log(&self) -> Vec<Call> {
         self.shared.lock().calls.clone()
     }
@@ -333,6 +438,7 @@ impl StsError {
 }
 
 async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body> {
+    let arrived = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -349,8 +455,8 @@ async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body
     }
     let mut params = super::wire::parse(&query);
     params.extend(super::wire::parse(&String::from_utf8_lossy(&body)));
-    match params.get("Action").map(String::as_str) {
-        Some("AssumeRoleWithWebIdentity") => {}
+    let _in_flight = match params.get("Action").map(String::as_str) {
+        Some("AssumeRoleWithWebIdentity") => InFlight::enter(&shared),
         Some(other) => {
             return StsError::new(
                 400,
@@ -360,7 +466,7 @@ async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body
             .response(&request_id);
         }
         None => return StsError::new(400, "MissingAction", "Missing Action").response(&request_id),
-    }
+    };
     let latency = shared.lock().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -374,6 +480,7 @@ async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body
         session_name,
         status: result.as_ref().map_or_else(|e| e.status, |_| 200),
         outcome: result.as_ref().map_or_else(|e| e.code.clone(), |_| "OK".to_owned()),
+        at: arrived,
     });
     drop(st);
     match result {
