@@ -35,6 +35,15 @@ pub struct App {
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
 }
 
+/// The Kubernetes client the agent needs: kube's own retries of 429/503/504 (exponential, for minutes)
+/// are off, because every caller bounds and retries on its own terms — the watches with a short capped
+/// backoff, so pods are seen within seconds of an outage's end; TokenRequest through the cache's
+/// per-pod backoff, so a throttling API server is not hammered.
+pub fn kube_client(mut config: kube::Config) -> kube::Result<kube::Client> {
+    config.default_retry = false;
+    kube::Client::try_from(config)
+}
+
 impl App {
     /// Builds the agent: binds both listeners, builds the clients, registers metrics.
     pub async fn build(config: Config, client: kube::Client) -> anyhow::Result<Self> {

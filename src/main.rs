@@ -36,9 +36,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown::on_signals()?;
-        let client = kube::Client::try_default()
+        let kube_config = kube::Config::infer()
             .await
             .map_err(|e| anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?;
+        let client = imds_broker::app::kube_client(kube_config)
+            .map_err(|e| anyhow::anyhow!("cannot build the Kubernetes client: {e}"))?;
         App::build(config, client).await?.run(shutdown).await
     });
     match result {

@@ -77,6 +77,9 @@ impl Relist {
     }
 }
 
+/// How long a watch may take to start before the API server counts as unreachable.
+pub const START_GRACE: Duration = Duration::from_secs(2);
+
 /// The first retry delay after a watch or list error.
 pub const RETRY_INITIAL: Duration = Duration::from_millis(250);
 /// The longest delay between two attempts: short, so pods created right after an outage are seen
@@ -312,10 +315,28 @@ where
         if let Some(fields) = &self.fields {
             params = params.fields(fields);
         }
-        let started = tokio::select! {
-            () = shutdown.cancelled() => return End::Stop,
-            () = tokio::time::sleep_until(*last_heard + self.config.idle) => return self.idle(),
-            started = self.api.watch(&params, version) => started,
+        let from = version.clone();
+        let start = self.api.watch(&params, &from);
+        let mut start = std::pin::pin!(start);
+        let grace = tokio::time::sleep(START_GRACE);
+        let mut grace = std::pin::pin!(grace);
+        let mut graced = false;
+        let started = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return End::Stop,
+                () = tokio::time::sleep_until(*last_heard + self.config.idle) => return self.idle(),
+                // A healthy API server answers a watch at once; one that does not is as good as away.
+                () = &mut grace, if !graced => {
+                    graced = true;
+                    if *reachable {
+                        *reachable = false;
+                        if out.send(Update::Unreachable).await.is_err() {
+                            return End::Stop;
+                        }
+                    }
+                }
+                started = &mut start => break started,
+            }
         };
         let stream = match started {
             Ok(stream) => stream,

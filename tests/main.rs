@@ -12,4 +12,5 @@ mod metadata;
 mod moto;
 mod refusals;
 mod serving;
+mod views;
 mod watch;

@@ -539,6 +539,7 @@ impl Cache {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prefetches = JoinSet::new();
         let mut waiting_for_prefetch = false;
+        let mut synced_once = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -554,6 +555,10 @@ impl Cache {
                 event = events.recv() => match event {
                     None => break,
                     Some(Event::Synced) => {
+                        self.prefetch_all(&mut prefetches).await;
+                        if std::mem::replace(&mut synced_once, true) {
+                            continue;
+                        }
                         if prefetches.is_empty() {
                             ready.send_replace(true);
                             tracing::info!("no prefetch pending; ready");
@@ -580,7 +585,9 @@ impl Cache {
             Change::Upserted(workload) => match self.inner.resolver.resolve(&workload) {
                 Ok(Some(role)) => {
                     self.evict(&workload.uid, Some(&role)).await;
-                    if workload.running && !workload.terminating && !workload.ips.is_empty() {
+                    // A role resolved from a partial view (a pod listed before its service account) may
+                    // be the wrong one: prefetch only from a whole view (see `Event::Synced`).
+                    if self.inner.store.view().is_whole() {
                         self.prefetch(&workload, &role, prefetches).await;
                     }
                 }
@@ -593,9 +600,23 @@ impl Cache {
         }
     }
 
-    /// Starts an exchange for a pod nobody asked for yet, unless it has a session, one is in flight, or
-    /// it is backing off after a failure. Most pod events are status updates of a pod already served: no work.
+    /// Prefetches every running pod of a view that just became whole.
+    async fn prefetch_all(&self, prefetches: &mut JoinSet<()>) {
+        let workloads: Vec<Arc<Workload>> = self.inner.store.read(|i| i.workloads().cloned().collect());
+        for workload in workloads {
+            if let Ok(Some(role)) = self.inner.resolver.resolve(&workload) {
+                self.prefetch(&workload, &role, prefetches).await;
+            }
+        }
+    }
+
+    /// Starts an exchange for a running pod nobody asked for yet, unless it has a session, one is in
+    /// flight, or it is backing off after a failure. Most pod events are status updates of a pod already
+    /// served: no work.
     async fn prefetch(&self, workload: &Workload, role: &RoleArn, prefetches: &mut JoinSet<()>) {
+        if !workload.running || workload.terminating || workload.ips.is_empty() {
+            return;
+        }
         let Some(pod) = self.sessions_of(&workload.uid).await else {
             return;
         };

@@ -222,6 +222,11 @@ impl Index {
         self.pods.get(uid).map(|w| &**w)
     }
 
+    /// Every served workload.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods.values()
+    }
+
     /// Applies an added or modified pod.
     pub fn apply_pod(&mut self, pod: &Pod) -> Option<Change> {
         let uid = pod.metadata.uid.clone()?;

@@ -29,7 +29,8 @@ pub fn boot_time() -> std::io::Result<i64> {
 pub enum Event {
     /// A workload changed or went away.
     Changed(Change),
-    /// The first full lists of pods and service accounts have been applied.
+    /// The view became whole: the first full lists of pods and service accounts have been applied, or
+    /// the relists after missed events. Roles resolved before it may have come from a partial view.
     Synced,
 }
 

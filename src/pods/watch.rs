@@ -50,7 +50,8 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Watches until `shutdown` is cancelled. Sends [`Event::Synced`] once both first lists are applied.
+    /// Watches until `shutdown` is cancelled. Sends [`Event::Synced`] whenever the view becomes whole:
+    /// after the first lists, and after each relist that follows missed events.
     pub async fn run(self, shutdown: CancellationToken) {
         let (pods_tx, mut pods) = mpsc::channel(256);
         let (accounts_tx, mut accounts) = mpsc::channel(256);
@@ -69,7 +70,7 @@ impl Watcher {
             metrics: self.watch_metrics.clone(),
         };
         let apply = async {
-            let mut announced = false;
+            let mut whole = false;
             loop {
                 let changes = tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -91,13 +92,14 @@ impl Watcher {
                         return;
                     }
                 }
-                if !announced && self.store.view().is_whole() {
-                    announced = true;
+                let now_whole = self.store.view().is_whole();
+                if now_whole && !whole {
                     tracing::info!(pods = served, node = %self.node_name, "pod index synced");
                     if self.events.send(Event::Synced).await.is_err() {
                         return;
                     }
                 }
+                whole = now_whole;
             }
         };
         tokio::join!(

@@ -61,7 +61,8 @@ pub async fn spawn_agent(kube_url: &str, sts_url: &str, extra: &[&str]) -> Agent
 /// Starts the agent without waiting for anything: it may not have listed a single pod yet.
 pub async fn start_agent(kube_url: &str, sts_url: &str, extra: &[&str]) -> Agent {
     let config = config(sts_url, extra);
-    let client = kube::Client::try_from(kube::Config::new(kube_url.parse().expect("kube url"))).expect("kube client");
+    let client =
+        imds_broker::app::kube_client(kube::Config::new(kube_url.parse().expect("kube url"))).expect("kube client");
     let app = App::build(config, client).await.expect("agent builds");
     let (imds, admin) = (app.imds_addr(), app.admin_addr());
     let shutdown = CancellationToken::new();
