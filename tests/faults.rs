@@ -189,6 +189,7 @@ async fn after_a_node_reboot_pods_are_refused_until_the_kubelet_republishes_them
 enum StsDown {
     ServerError,
     Throttling,
+    Refused,
 }
 
 /// Runs a pod through an STS outage that starts right after its session was obtained and lasts an
@@ -207,6 +208,7 @@ async fn sts_outage(mode: StsDown, source: &str) {
     match mode {
         StsDown::ServerError => cluster.sts.set_failure(Some((503, "ServiceUnavailable"))),
         StsDown::Throttling => cluster.sts.set_failure(Some((400, "Throttling"))),
+        StsDown::Refused => cluster.sts.stop_listening().await,
     }
     let calls_before = cluster.sts.calls();
     let (mut failed_while_valid, mut not_found) = (0, 0);
@@ -232,7 +234,15 @@ async fn sts_outage(mode: StsDown, source: &str) {
     );
     assert_eq!(not_found, 0);
     // Refreshes start at 28-35 minutes; from then on retries back off to about one a minute.
-    let calls = cluster.sts.calls() - calls_before;
+    // (A refused connection never reaches STS: then the exchanges are what the agent counts.)
+    let calls = match mode {
+        StsDown::Refused => {
+            agent
+                .metric("imds_broker_credentials_fetches_total", "outcome=\"sts_unavailable\"")
+                .await as usize
+        }
+        _ => cluster.sts.calls() - calls_before,
+    };
     assert!(
         (5..=2 * 37 + 2).contains(&calls),
         "{mode:?}: {calls} STS calls during the outage"
@@ -245,7 +255,10 @@ async fn sts_outage(mode: StsDown, source: &str) {
     );
     // STS is back: the pod gets its own role again without any restart, once its backoff (at most a
     // minute) has run out.
-    cluster.sts.set_failure(None);
+    match mode {
+        StsDown::Refused => cluster.sts.resume_listening().await,
+        _ => cluster.sts.set_failure(None),
+    }
     let back = tokio::time::Instant::now();
     while caller.get(&path, &[]).await.status != StatusCode::OK {
         assert!(
@@ -274,4 +287,33 @@ async fn an_sts_outage_with_server_errors_fails_no_request_while_credentials_are
 #[tokio::test(start_paused = true)]
 async fn sts_throttling_fails_no_request_while_credentials_are_valid() {
     sts_outage(StsDown::Throttling, "127.0.8.8").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sts_refusing_connections_fails_no_request_while_credentials_are_valid() {
+    sts_outage(StsDown::Refused, "127.0.8.9").await;
+}
+
+#[tokio::test]
+async fn five_hundred_pods_prefetched_with_a_limit_of_ten_never_have_more_than_ten_exchanges_in_flight() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.sts.set_latency(Duration::from_millis(20));
+    for i in 0..500 {
+        let address = format!("127.0.{}.{}", 20 + i / 250, 1 + i % 250);
+        cluster.add_pod(&pod(&format!("p{i}"), &address).role("app"));
+    }
+    let agent = cluster
+        .agent(&["--exchange-concurrency", "10", "--exchange-rate", "100000"])
+        .await;
+    // Readiness waits until every prefetch was attempted.
+    assert_eq!(cluster.sts.calls(), 500);
+    let peak = cluster.sts.max_in_flight();
+    assert!((2..=10).contains(&peak), "{peak} exchanges at once at STS");
+    assert_eq!(
+        agent.metric("imds_broker_credentials_exchanges_in_flight", "").await,
+        0.0
+    );
+    let reply = agent.from("127.0.21.250").get(&format!("{CREDS}app"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
 }

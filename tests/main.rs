@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod churn;
 mod doubles_selftest;
 mod faults;
 mod logging;

@@ -69,6 +69,9 @@ pub enum Error {
     /// The agent is shutting down; the exchange was abandoned.
     #[error("the agent is stopping")]
     Stopped,
+    /// The pod went, or changed role, while its credentials were being obtained: they are nobody's now.
+    #[error("the pod or its role changed while its credentials were being obtained")]
+    Superseded,
 }
 
 impl Error {
@@ -79,6 +82,7 @@ impl Error {
             Error::Sts(e) => e.kind(),
             Error::ShortLived { .. } => "short_lived",
             Error::Stopped => "stopped",
+            Error::Superseded => "superseded",
         }
     }
 
@@ -88,7 +92,7 @@ impl Error {
             Error::Token(e) => e.is_transient(),
             Error::Sts(e) => e.is_transient(),
             Error::ShortLived { .. } => false,
-            Error::Stopped => true,
+            Error::Stopped | Error::Superseded => true,
         }
     }
 }
@@ -469,8 +473,8 @@ impl Cache {
         }
     }
 
-    /// Stores the result of an exchange in its slot — unless the pod or its role went meanwhile, then
-    /// nothing is stored — and returns what waiters get.
+    /// Stores the result of an exchange in its slot — unless the pod or its role went meanwhile: then
+    /// nothing is stored and waiters get [`Error::Superseded`] — and returns what waiters get.
     fn settle(&self, pod: &PodSessions, workload: &Workload, role: &RoleArn, result: Result<Held, Error>) -> Outcome {
         let key = (workload.uid.as_str(), role);
         let wanted = self.wanting(key.0, key.1).is_some();
@@ -479,14 +483,15 @@ impl Cache {
         match result {
             Ok(held) => {
                 let session = held.session.clone();
-                if let Some(slot) = slot {
-                    slot.fetch = None;
-                    slot.failure = None;
-                    slot.stale_logged = false;
-                    slot.held = Some(held);
-                } else {
+                let Some(slot) = slot else {
+                    // Nobody may be handed these: the pod that asked is gone or wants another role.
                     slots.remove(role);
-                }
+                    return Err(Error::Superseded);
+                };
+                slot.fetch = None;
+                slot.failure = None;
+                slot.stale_logged = false;
+                slot.held = Some(held);
                 Ok(session)
             }
             Err(error) => {
