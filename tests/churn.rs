@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::support::Cluster;
 use crate::support::agent::Agent;
-use crate::support::fixtures::{pod, role};
+use crate::support::fixtures::pod;
 use crate::support::kube::{ContainerFixture, Kind};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
