@@ -17,7 +17,7 @@ fn running_since(seconds_ago: i64) -> ContainerFixture {
     ContainerFixture::Running(OffsetDateTime::now_utc() - time::Duration::seconds(seconds_ago))
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_fetch_outlives_the_clients_that_hung_up_and_every_later_request_joins_it() {
     let cluster = Cluster::start().await;
     cluster.sts.trust_any(&role("app"));
@@ -70,7 +70,7 @@ async fn a_role_sts_refuses_polled_200_times_costs_a_handful_of_exchanges() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn draining_finishes_requests_in_flight_refuses_new_connections_and_is_not_ready() {
     let cluster = Cluster::start().await;
     cluster.sts.trust_any(&role("app"));

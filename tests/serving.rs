@@ -299,7 +299,9 @@ async fn a_service_account_annotation_change_takes_effect_without_a_restart() {
     );
 }
 
-#[tokio::test]
+// Paused time: the runtime runs every ready task (the request reaches the agent and waits there) before
+// the clock moves on, so the pod is created strictly after the request arrived.
+#[tokio::test(start_paused = true)]
 async fn a_request_from_a_pod_the_watch_has_not_delivered_yet_waits_for_it() {
     let cluster = Cluster::start().await;
     cluster.sts.trust_any(&role("app"));
@@ -314,12 +316,13 @@ async fn a_request_from_a_pod_the_watch_has_not_delivered_yet_waits_for_it() {
     assert_eq!(reply.text(), "app");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn sessions_are_refreshed_before_they_get_old() {
     let cluster = Cluster::start().await;
     cluster.sts.trust_any(&role("app"));
     cluster.add_pod(&pod("p", "127.0.0.17").role("app"));
-    // 3600 s sessions with 3590 s kept in reserve: servable for 10 s, refreshed after 5 s.
+    // 3600 s sessions with 3590 s kept in reserve: servable for 10 s, refreshed after 4-5 s (paused
+    // time: the wait costs nothing).
     let agent = cluster
         .agent(&["--credential-min-remaining", "3590s", "--refresh-check-interval", "1s"])
         .await;
