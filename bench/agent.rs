@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -76,18 +76,18 @@ impl Agent {
     }
 
     async fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some((StatusCode::OK, _)) = load::once(self.admin, [127, 0, 0, 1].into(), "/readyz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent was not ready within {within:?}; see {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let ready = crate::support::client::poll(within, Duration::from_millis(20), || async {
+            matches!(
+                load::once(self.admin, [127, 0, 0, 1].into(), "/readyz").await,
+                Some((StatusCode::OK, _))
+            )
+        })
+        .await;
+        assert!(
+            ready,
+            "the agent was not ready within {within:?}; see {}",
+            self.log.display()
+        );
     }
 
     /// The agent's process id.

@@ -20,6 +20,7 @@ mod scenarios;
 #[path = "../tests/support"]
 #[allow(dead_code)]
 mod support {
+    pub mod client;
     pub mod jwt;
     pub mod kube;
     pub mod sts;

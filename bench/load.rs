@@ -12,8 +12,6 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpSocket;
 
 /// The longest any single connect or request may take before the connection counts as failed.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -168,21 +166,7 @@ async fn connection(target: SocketAddr, caller: Caller, mode: Mode, measure_from
 
 /// Opens a keep-alive HTTP/1.1 connection to `target` from `source`.
 pub async fn connect(target: SocketAddr, source: IpAddr) -> std::io::Result<SendRequest<Empty<Bytes>>> {
-    let socket = if source.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = tokio::time::timeout(STEP_TIMEOUT, socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(connection);
-    Ok(sender)
+    crate::support::client::connect(target, source, STEP_TIMEOUT).await
 }
 
 /// `GET path` on an open connection; the status once the whole body has arrived, `None` on failure.

@@ -8,10 +8,8 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use imds_broker::app::App;
 use imds_broker::config::{Cli, Config};
-use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -155,19 +153,13 @@ pub fn parse_metric(text: &str, name: &str, labels: &str) -> f64 {
 }
 
 /// Polls `check` every 20 ms until it holds, failing the test after 10 s.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = super::client::poll(Duration::from_secs(10), Duration::from_millis(20), check).await;
+    assert!(held, "timed out waiting for: {what}");
 }
 
 async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
@@ -228,21 +220,9 @@ impl Caller {
 
 /// Sends one request over a fresh connection bound to `source`.
 pub async fn send(target: SocketAddr, source: IpAddr, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let socket = if source.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .expect("socket");
-    socket.bind(SocketAddr::new(source, 0)).expect("bind source address");
-    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(target))
+    let mut sender = super::client::connect(target, source, Duration::from_secs(5))
         .await
-        .expect("connect in time")
         .expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
     let mut request = Request::builder()
         .method(method)
         .uri(path)
@@ -281,8 +261,6 @@ pub mod sdk {
     use aws_smithy_types::body::SdkBody;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::TokioIo;
-    use tokio::net::TcpSocket;
 
     /// Sends every request from `0`.
     #[derive(Debug, Clone, Copy)]
@@ -302,13 +280,9 @@ pub mod sdk {
                     .parse()
                     .map_err(|e: std::net::AddrParseError| ConnectorError::user(e.into()))?;
                 let target = SocketAddr::new(host, uri.port_u16().unwrap_or(80));
-                let socket = TcpSocket::new_v4().map_err(|e| io(e.into()))?;
-                socket.bind(SocketAddr::new(source, 0)).map_err(|e| io(e.into()))?;
-                let stream = socket.connect(target).await.map_err(|e| io(e.into()))?;
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                let mut sender = crate::support::client::connect(target, source, std::time::Duration::from_secs(5))
                     .await
                     .map_err(|e| io(e.into()))?;
-                tokio::spawn(connection);
                 let (mut parts, body) = request.into_parts();
                 parts.uri = uri.path_and_query().map_or("/", |p| p.as_str()).parse().expect("path");
                 let body = Bytes::copy_from_slice(body.bytes().unwrap_or_default());

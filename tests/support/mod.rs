@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod client;
 pub mod fixtures;
 pub mod jwt;
 pub mod kube;
