@@ -15,10 +15,10 @@ use crate::config::Config;
 use crate::credentials::Cache;
 use crate::metadata::Metadata;
 use crate::pods::Store;
-use crate::server::admin::Admin;
-use crate::server::imds::Imds;
-use crate::server::session::Sessions;
-use crate::{credentials, namespaces, netfilter, pods, server, sts, token, watch};
+use crate::server::admin;
+use crate::server::imds;
+use crate::server::imds_token::Issuer;
+use crate::{credentials, namespaces, netfilter, pods, sa_token, server, sts, watch};
 
 /// A built, not yet running agent.
 pub struct App {
@@ -28,7 +28,7 @@ pub struct App {
     registry: Registry,
     store: Store,
     cache: Cache,
-    imds: Arc<Imds>,
+    imds: Arc<imds::Handler>,
     watcher: pods::watch::Watcher,
     namespace_watcher: namespaces::Watcher,
     events: mpsc::Receiver<pods::Event>,
@@ -75,27 +75,27 @@ impl App {
         };
         let cache = Cache::new(
             config.credentials.clone(),
-            token::Minter::new(client.clone(), config.token.clone()),
+            sa_token::Minter::new(client.clone(), config.sa_token.clone()),
             sts::Exchanger::new(&config.sts),
             config.roles.clone(),
             store.clone(),
             credentials::Metrics::register(&registry)?,
         );
-        let sessions = match &config.token_key_file {
+        let imds_tokens = match &config.token_key_file {
             Some(path) => {
                 let secret =
                     std::fs::read(path).with_context(|| format!("reading --token-key-file {}", path.display()))?;
-                Sessions::from_secret(&secret).with_context(|| {
+                Issuer::from_secret(&secret).with_context(|| {
                     format!(
                         "--token-key-file {}: needs at least {} bytes",
                         path.display(),
-                        Sessions::MIN_SECRET
+                        Issuer::MIN_SECRET
                     )
                 })?
             }
             None => {
                 tracing::warn!("no --token-key-file: IMDSv2 tokens will not survive a restart of this agent");
-                Sessions::random()
+                Issuer::random()
             }
         };
         let metadata = Metadata::build(config.metadata.clone()).await;
@@ -106,12 +106,12 @@ impl App {
             watch_config: config.watch.clone(),
             watch_metrics,
         };
-        let imds = Arc::new(Imds {
+        let imds = Arc::new(imds::Handler {
             config: config.imds.clone(),
             store: store.clone(),
             cache: cache.clone(),
-            sessions,
-            metrics: server::imds::Metrics::register(&registry)?,
+            imds_tokens,
+            metrics: imds::Metrics::register(&registry)?,
             metadata,
             namespaces: namespace_policy,
         });
@@ -184,7 +184,7 @@ impl App {
             shutdown.clone(),
             grace,
         ));
-        let admin = Arc::new(Admin {
+        let admin = Arc::new(admin::Handler {
             registry: self.registry,
             ready,
         });

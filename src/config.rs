@@ -10,7 +10,7 @@ use crate::roles::{BaseArn, Resolver};
 use crate::server::imds::Imdsv2;
 use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
-use crate::{credentials, metadata, netfilter, server, sts, token, watch};
+use crate::{credentials, metadata, netfilter, sa_token, server, sts, watch};
 
 /// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
@@ -180,7 +180,7 @@ pub struct Args {
           value_parser = clap::value_parser!(u8).range(1..=64))]
     pub token_hop_limit: u8,
 
-    /// File whose contents key the IMDSv2 session tokens, so tokens survive a restart (a mounted Secret
+    /// File whose contents key the IMDSv2 tokens, so tokens survive a restart (a mounted Secret
     /// or a hostPath; at least 32 bytes). Unset: a random key per process.
     #[arg(long, env = "IMDS_BROKER_TOKEN_KEY_FILE")]
     pub token_key_file: Option<std::path::PathBuf>,
@@ -240,7 +240,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub imds: server::imds::Config,
     pub roles: Resolver,
-    pub token: token::Config,
+    pub sa_token: sa_token::Config,
     pub sts: sts::Config,
     pub credentials: credentials::Config,
     /// The list-then-watch loops.
@@ -315,7 +315,7 @@ impl Args {
                 token_hop_limit: self.token_hop_limit,
             },
             roles: Resolver { base, default },
-            token: token::Config {
+            sa_token: sa_token::Config {
                 audience: self.token_audience.clone(),
                 expiration_seconds: self.token_expiration,
             },
@@ -467,7 +467,7 @@ mod tests {
         assert_eq!(config.metrics_listen, "0.0.0.0:9181".parse().unwrap());
         assert_eq!(config.imds.imdsv2, Imdsv2::Optional);
         assert_eq!(config.imds.pod_wait, Duration::from_millis(500));
-        assert_eq!(config.token.audience, "sts.amazonaws.com");
+        assert_eq!(config.sa_token.audience, "sts.amazonaws.com");
         assert_eq!(config.sts.session_duration, Duration::from_secs(3600));
         assert_eq!(config.credentials.min_remaining, Duration::from_secs(900));
         assert!(config.roles.default.is_none() && config.roles.base.is_none());

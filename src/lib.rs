@@ -11,7 +11,8 @@
 //! - [`server`]: the IMDS and admin endpoints; `server::response` alone turns failures into HTTP;
 //! - [`metrics`]: the registry and its encoding;
 //! - [`credentials`]: the per-pod session cache (single-flight, refresh, prefetch, eviction);
-//! - [`pods`], [`roles`], [`token`], [`sts`]: who is calling, which role, a pod-bound token, STS;
+//! - [`pods`], [`roles`], [`sa_token`], [`sts`]: who is calling, which role, a service-account token
+//!   bound to the pod, the STS session;
 //! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;
 //! - [`namespaces`]: which namespaces require IMDSv2 (a Namespace annotation);
 //! - [`watch`]: the list-then-watch loop under both watchers (410, idle watches, capped retries);
@@ -28,10 +29,10 @@ pub mod namespaces;
 pub mod netfilter;
 pub mod pods;
 pub mod roles;
+pub mod sa_token;
 pub mod server;
 pub mod shutdown;
 pub mod sts;
 pub mod telemetry;
-pub mod token;
 pub mod watch;
 pub mod workload;

@@ -136,14 +136,14 @@ impl Exchanger {
         }
     }
 
-    /// Assumes `role` as `workload` with its pod-bound `token`.
-    pub async fn exchange(&self, role: &RoleArn, workload: &Workload, token: &Secret) -> Result<Credentials, Error> {
+    /// Assumes `role` as `workload` with its pod-bound service-account token.
+    pub async fn exchange(&self, role: &RoleArn, workload: &Workload, sa_token: &Secret) -> Result<Credentials, Error> {
         let output = self
             .client
             .assume_role_with_web_identity()
             .role_arn(role.as_str())
             .role_session_name(session_name(&workload.namespace, &workload.name))
-            .web_identity_token(token.expose())
+            .web_identity_token(sa_token.expose())
             .duration_seconds(self.duration_seconds)
             .send()
             .await

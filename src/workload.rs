@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use time::OffsetDateTime;
 
-/// A string that must never be printed: session tokens, secret keys, service-account tokens.
+/// A string that must never be printed: STS session tokens, secret access keys, service-account tokens.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::pods::{Change, Event, Store};
 use crate::roles::Resolver;
 use crate::workload::{Credentials, RoleArn, Workload};
-use crate::{sts, token};
+use crate::{sa_token, sts};
 use limit::{Limiter, Priority};
 
 /// Cache settings.
@@ -56,7 +56,7 @@ pub struct Config {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Token(#[from] token::Error),
+    SaToken(#[from] sa_token::Error),
     #[error(transparent)]
     Sts(#[from] sts::Error),
     /// STS granted less validity than we must guarantee when serving.
@@ -78,7 +78,7 @@ impl Error {
     /// A closed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Token(e) => e.kind(),
+            Error::SaToken(e) => e.kind(),
             Error::Sts(e) => e.kind(),
             Error::ShortLived { .. } => "short_lived",
             Error::Stopped => "stopped",
@@ -89,7 +89,7 @@ impl Error {
     /// True when trying again later may succeed without anything changing in IAM or Kubernetes.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Token(e) => e.is_transient(),
+            Error::SaToken(e) => e.is_transient(),
             Error::Sts(e) => e.is_transient(),
             Error::ShortLived { .. } => false,
             Error::Stopped | Error::Superseded => true,
@@ -243,7 +243,7 @@ pub struct Cache {
 struct Inner {
     config: Config,
     pods: moka::future::Cache<String, Arc<PodSessions>>,
-    minter: token::Minter,
+    minter: sa_token::Minter,
     exchanger: sts::Exchanger,
     resolver: Resolver,
     store: Store,
@@ -282,7 +282,7 @@ impl Cache {
     /// A cache minting with `minter`, exchanging with `exchanger`, resolving roles with `resolver`.
     pub fn new(
         config: Config,
-        minter: token::Minter,
+        minter: sa_token::Minter,
         exchanger: sts::Exchanger,
         resolver: Resolver,
         store: Store,

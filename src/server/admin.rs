@@ -9,13 +9,13 @@ use tokio::sync::watch;
 use super::response::Body;
 
 /// The admin request handler.
-pub struct Admin {
+pub struct Handler {
     pub registry: Registry,
     /// Ready when every one of these is true (the pod index and prefetch; the capture rule, if managed).
     pub ready: Vec<watch::Receiver<bool>>,
 }
 
-impl Admin {
+impl Handler {
     /// Answers one request for `path`.
     pub fn handle(&self, path: &str) -> Response<Body> {
         match path {

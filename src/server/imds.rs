@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::document;
 use super::hop_limit::HopLimit;
 use super::response::{self, Body, Failure};
-use super::session::{self, Sessions};
+use super::imds_token::{self, Issuer};
 use crate::credentials::Cache;
 use crate::metadata::{self, Metadata};
 use crate::pods::{Lookup, Store};
@@ -191,11 +191,12 @@ impl Metrics {
 }
 
 /// The IMDS request handler.
-pub struct Imds {
+pub struct Handler {
     pub config: Config,
     pub store: Store,
     pub cache: Cache,
-    pub sessions: Sessions,
+    /// Issues and verifies IMDSv2 tokens.
+    pub imds_tokens: Issuer,
     pub metrics: Metrics,
     /// Everything under `/latest/` that is not the credential tree.
     pub metadata: Metadata,
@@ -203,7 +204,7 @@ pub struct Imds {
     pub namespaces: crate::namespaces::Policy,
 }
 
-impl Imds {
+impl Handler {
     /// Answers one request from `peer`.
     pub async fn handle<B>(self: Arc<Self>, peer: IpAddr, request: Request<B>) -> Response<Body> {
         let started = std::time::Instant::now();
@@ -245,7 +246,7 @@ impl Imds {
         let tokenless = match headers.get("x-aws-ec2-metadata-token") {
             Some(token) => {
                 let token = token.to_str().map_err(|_| Failure::BadToken)?;
-                if let Err(invalid) = self.sessions.verify(token, peer, now) {
+                if let Err(invalid) = self.imds_tokens.verify(token, peer, now) {
                     tracing::info!(%peer, reason = %invalid, "refusing IMDSv2 request");
                     return Err(Failure::BadToken);
                 }
@@ -279,12 +280,12 @@ impl Imds {
         }
         let ttl = headers
             .get("x-aws-ec2-metadata-token-ttl-seconds")
-            .and_then(|v| session::parse_ttl(v.as_bytes()))
+            .and_then(|v| imds_token::parse_ttl(v.as_bytes()))
             .ok_or(Failure::BadTtl)?;
         if let Some(hops) = request.extensions().get::<HopLimit>() {
             hops.limit(self.config.token_hop_limit);
         }
-        Ok(response::token(self.sessions.issue(peer, ttl, now), ttl))
+        Ok(response::token(self.imds_tokens.issue(peer, ttl, now), ttl))
     }
 
     /// The rest of the metadata tree, for a known pod.

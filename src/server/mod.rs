@@ -6,8 +6,8 @@ pub mod admin;
 pub mod document;
 pub mod hop_limit;
 pub mod imds;
+pub mod imds_token;
 pub mod response;
-pub mod session;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -114,7 +114,7 @@ impl Failure {
 fn refusal_code(error: &credentials::Error) -> String {
     match error {
         credentials::Error::Sts(e) => e.code().to_owned(),
-        credentials::Error::Token(crate::token::Error::Refused { status, reason, .. }) => {
+        credentials::Error::SaToken(crate::sa_token::Error::Refused { status, reason, .. }) => {
             format!("TokenRequest {status} {reason}")
         }
         other => other.kind().to_owned(),

@@ -1,4 +1,6 @@
-//! IMDSv2 session tokens: stateless, HMAC-signed, bound to the caller's IP, expiring.
+//! IMDSv2 tokens (what `PUT /latest/api/token` hands a pod): stateless, HMAC-signed, bound to the
+//! caller's IP, expiring. Not to be confused with service-account tokens ([`crate::sa_token`]) or the
+//! STS session token inside credentials.
 //!
 //! A token is base64 of `version (1) ‖ expiry (8, unix seconds, big-endian) ‖ HMAC-SHA256(key, version ‖
 //! expiry ‖ caller IP as 16 bytes)`: 41 bytes, 56 characters, like EC2's. Nothing is stored per token, so
@@ -28,33 +30,33 @@ pub enum Invalid {
     Expired,
 }
 
-/// Issues and checks tokens with one secret key.
+/// Issues and checks IMDSv2 tokens with one secret key.
 #[derive(Clone)]
-pub struct Sessions {
+pub struct Issuer {
     key: [u8; 32],
 }
 
-impl std::fmt::Debug for Sessions {
+impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Sessions(<key redacted>)")
+        f.write_str("Issuer(<key redacted>)")
     }
 }
 
-impl Sessions {
-    /// Sessions signed with `key`.
+impl Issuer {
+    /// Issuer signed with `key`.
     pub fn new(key: [u8; 32]) -> Self {
         Self { key }
     }
 
-    /// Sessions with a fresh random key (tokens do not survive a restart).
+    /// Issuer with a fresh random key (tokens do not survive a restart).
     pub fn random() -> Self {
         Self::new(rand::random())
     }
 
-    /// The shortest secret [`Sessions::from_secret`] accepts.
+    /// The shortest secret [`Issuer::from_secret`] accepts.
     pub const MIN_SECRET: usize = 32;
 
-    /// Sessions keyed by a secret that outlives the process (`--token-key-file`), so tokens survive a
+    /// Issuer keyed by a secret that outlives the process (`--token-key-file`), so tokens survive a
     /// restart. The key is derived, never the secret itself, so the same secret could key something
     /// else without the two being related.
     pub fn from_secret(secret: &[u8]) -> Option<Self> {
@@ -63,6 +65,7 @@ impl Sessions {
             return None;
         }
         let mut hash = Sha256::new();
+        // A fixed derivation label: changing it would invalidate every token issued with a key file.
         hash.update(b"imds-broker IMDSv2 session key v1\0");
         hash.update(secret);
         Some(Self::new(hash.finalize().into()))
@@ -127,7 +130,7 @@ mod tests {
 
     #[test]
     fn a_token_works_for_its_caller_until_it_expires() {
-        let s = Sessions::new([7; 32]);
+        let s = Issuer::new([7; 32]);
         let t = s.issue(ip("10.0.0.1"), 60, 1_000);
         assert_eq!(t.len(), 56);
         assert!(t.bytes().all(|b| b.is_ascii_graphic()));
@@ -137,7 +140,7 @@ mod tests {
 
     #[test]
     fn a_token_from_another_ip_is_refused() {
-        let s = Sessions::new([7; 32]);
+        let s = Issuer::new([7; 32]);
         let t = s.issue(ip("10.0.0.1"), 60, 1_000);
         assert_eq!(s.verify(&t, ip("10.0.0.2"), 1_001), Err(Invalid::WrongCaller));
         assert_eq!(s.verify(&t, ip("fd00::1"), 1_001), Err(Invalid::WrongCaller));
@@ -145,16 +148,16 @@ mod tests {
 
     #[test]
     fn a_token_signed_with_another_key_is_refused() {
-        let t = Sessions::new([1; 32]).issue(ip("10.0.0.1"), 60, 1_000);
+        let t = Issuer::new([1; 32]).issue(ip("10.0.0.1"), 60, 1_000);
         assert_eq!(
-            Sessions::new([2; 32]).verify(&t, ip("10.0.0.1"), 1_001),
+            Issuer::new([2; 32]).verify(&t, ip("10.0.0.1"), 1_001),
             Err(Invalid::WrongCaller)
         );
     }
 
     #[test]
     fn garbage_and_tampered_tokens_are_refused() {
-        let s = Sessions::new([7; 32]);
+        let s = Issuer::new([7; 32]);
         for garbage in ["", "x", "AQAEA==", &"A".repeat(56), &"é".repeat(28), &"A".repeat(5000)] {
             assert_eq!(
                 s.verify(garbage, ip("10.0.0.1"), 1_000),
@@ -173,12 +176,12 @@ mod tests {
     #[test]
     fn a_key_from_the_same_secret_accepts_the_same_tokens_and_short_secrets_are_refused() {
         let secret = [9u8; 40];
-        let t = Sessions::from_secret(&secret).unwrap().issue(ip("10.0.0.1"), 60, 1_000);
-        let restarted = Sessions::from_secret(&secret).unwrap();
+        let t = Issuer::from_secret(&secret).unwrap().issue(ip("10.0.0.1"), 60, 1_000);
+        let restarted = Issuer::from_secret(&secret).unwrap();
         assert_eq!(restarted.verify(&t, ip("10.0.0.1"), 1_001), Ok(()));
-        let other = Sessions::from_secret(&[8u8; 40]).unwrap();
+        let other = Issuer::from_secret(&[8u8; 40]).unwrap();
         assert_eq!(other.verify(&t, ip("10.0.0.1"), 1_001), Err(Invalid::WrongCaller));
-        assert!(Sessions::from_secret(&[1u8; 31]).is_none());
+        assert!(Issuer::from_secret(&[1u8; 31]).is_none());
     }
 
     #[test]
