@@ -22,6 +22,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
+    /// The agent's flags.
     #[command(flatten)]
     pub run: Args,
 }
@@ -31,6 +32,7 @@ pub struct Cli {
 pub enum Command {
     /// Manage the iptables rules that capture 169.254.169.254.
     Iptables {
+        /// What to do with them.
         #[command(subcommand)]
         action: IptablesAction,
     },
@@ -189,59 +191,109 @@ pub struct Args {
 /// Why the flags do not make a working configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `--base-role-arn` is not a role ARN prefix.
     #[error("--base-role-arn {value:?}: {reason}")]
     BaseArn {
+        /// The value given.
         value: String,
+        /// What is wrong with it.
         reason: crate::workload::RoleArnError,
     },
+    /// `--default-role` is not a role ARN.
     #[error("--default-role {value:?}: {reason}")]
     DefaultRole {
+        /// The value given.
         value: String,
+        /// What is wrong with it.
         reason: crate::workload::RoleArnError,
     },
+    /// No node name.
     #[error("--node-name (or NODE_NAME) is required and must not be empty")]
     NodeName,
+    /// Sessions would never be servable.
     #[error("--session-duration {session:?} must exceed --credential-min-remaining {min:?}")]
-    SessionTooShort { session: Duration, min: Duration },
+    SessionTooShort {
+        /// `--session-duration`.
+        session: Duration,
+        /// `--credential-min-remaining`.
+        min: Duration,
+    },
+    /// The expiry margin would not extend serving past the fresh window.
     #[error("--credential-expiry-margin {margin:?} must be less than --credential-min-remaining {min:?}")]
-    ExpiryMargin { margin: Duration, min: Duration },
+    ExpiryMargin {
+        /// `--credential-expiry-margin`.
+        margin: Duration,
+        /// `--credential-min-remaining`.
+        min: Duration,
+    },
+    /// The idle bound would relist healthy watches between bookmarks.
     #[error("--watch-idle-timeout {0:?} must be at least 10s (bookmarks come about once a minute)")]
     WatchIdle(Duration),
+    /// No region.
     #[error("--region (or AWS_REGION) is required and must not be empty")]
     Region,
+    /// A `--host-interface` pattern iptables would not take.
     #[error("--host-interface {value:?}: {reason}")]
     HostInterface {
+        /// The pattern given.
         value: String,
+        /// What is wrong with it.
         #[source]
         reason: netfilter::InterfaceError,
     },
+    /// `--iptables` without an interface to capture on.
     #[error("--iptables needs at least one --host-interface pattern (e.g. cali+, eni+, !eth0)")]
     NoHostInterface,
+    /// `--iptables` without an address to send captured traffic to.
     #[error("--iptables needs --node-ip (or NODE_IP, from status.hostIP), the address captured traffic is sent to")]
     NoNodeIp,
+    /// A `--node-ip` that cannot be a DNAT target.
     #[error("--node-ip {ip}: {reason}")]
-    NodeIp { ip: IpAddr, reason: &'static str },
+    NodeIp {
+        /// The address given.
+        ip: IpAddr,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An `--allow-path` that is not a regular expression.
     #[error("--allow-path {value:?}: {reason}")]
     AllowPath {
+        /// The pattern given.
         value: String,
+        /// What is wrong with it.
         #[source]
         reason: regex::Error,
     },
+    /// An `--availability-zone` outside `--region`.
     #[error("--availability-zone {zone:?} is not in --region {region:?}")]
-    AvailabilityZone { zone: String, region: String },
+    AvailabilityZone {
+        /// `--availability-zone`.
+        zone: String,
+        /// `--region`.
+        region: String,
+    },
 }
 
 /// Everything the application needs, per component.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `--node-name`.
     pub node_name: String,
+    /// `--listen`.
     pub listen: SocketAddr,
+    /// `--metrics-listen`.
     pub metrics_listen: SocketAddr,
+    /// `--shutdown-grace`.
     pub shutdown_grace: Duration,
+    /// The IMDS endpoint.
     pub imds: server::imds::Config,
+    /// Role resolution.
     pub roles: Resolver,
+    /// Service-account tokens.
     pub sa_token: sa_token::Config,
+    /// STS.
     pub sts: sts::Config,
+    /// The credential cache.
     pub credentials: credentials::Config,
     /// The list-then-watch loops.
     pub watch: watch::Config,
