@@ -1,0 +1,335 @@
+//! The iptables rules that send pods' `169.254.169.254:80` (and `[fd00:ec2::254]:80`) to this agent.
+//!
+//! In the `nat` table we own one chain, [`CHAIN`], jumped to from the first rule of `PREROUTING`. It DNATs
+//! TCP to the instance-metadata address arriving on the `--host-interface` patterns to `--node-ip` and the
+//! IMDS port. [`Reconciler::ensure`] makes the tables look like that and reports whether it had to change
+//! anything; [`Reconciler::run`] repeats it on an interval, so a deleted or demoted rule comes back.
+//!
+//! This module owns the public vocabulary ([`Config`], [`Interface`], [`Family`], [`Program`]), the
+//! [`Backend`] every command goes through, [`System`] (which runs the real binaries), the [`Error`] of
+//! the whole component and [`uninstall`]. The rules themselves are built and iptables' output parsed in
+//! [`rules`](mod@rules), purely; [`reconcile`] decides what to change and runs the commands.
+//!
+//! Deliberately, nothing is removed on shutdown: while the agent is down or restarting, captured traffic
+//! meets a closed port (connection refused) instead of the node's own IMDS and the node's role. Only
+//! [`uninstall`] removes our rules. Traffic from `hostNetwork` pods never passes `PREROUTING` and is not
+//! captured.
+//!
+//! Every command goes through a [`Backend`], so the rule building and the reconcile decisions are tested
+//! with a fake that records commands (`fake.rs`, compiled for tests only). Rules are compared by asking
+//! iptables (`-C`) rather than by matching its printed form, which differs between versions; deletions
+//! use the printed rule itself (`-D` plus the spec), never a rule number another writer could shift.
+
+#[cfg(test)]
+mod fake;
+pub mod reconcile;
+pub mod rules;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::time::Duration;
+
+pub use reconcile::{Metrics, Outcome, Reconciler};
+pub use rules::{Rules, conntrack_flush, nat, rules, split_rule};
+
+use rules::{jumps_to_us, listed_rules, nat_rule};
+
+/// The chain this agent owns in the `nat` table.
+pub const CHAIN: &str = "IMDS-BROKER";
+/// The instance-metadata address pods dial over IPv4.
+pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The instance-metadata address pods dial over IPv6 (Nitro instances).
+pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
+
+/// Where the rules send captured traffic and which interfaces they capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Interfaces whose incoming traffic is captured (`cali+`) or never captured (`!eth0`).
+    pub interfaces: Vec<Interface>,
+    /// The node's addresses, at most one per family; a family without one gets no rules.
+    pub node_ips: Vec<IpAddr>,
+    /// The port the IMDS endpoint listens on.
+    pub port: u16,
+    /// How often the rules are checked and repaired.
+    pub reconcile_interval: Duration,
+}
+
+/// An iptables interface pattern: a name, `+` as a trailing wildcard, `!` in front to exclude.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// The name or prefix, as iptables takes it (`cali+`, `cni0`).
+    pub name: String,
+    /// Whether the pattern excludes rather than includes.
+    pub negated: bool,
+}
+
+/// Why an interface pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterfaceError {
+    /// Nothing, or only `!` or `+`.
+    #[error("an interface pattern must not be empty")]
+    Empty,
+    /// Longer than `IFNAMSIZ` allows.
+    #[error("{0:?} is longer than the 15 characters of a Linux interface name")]
+    TooLong(String),
+    /// A character iptables or the kernel would not take, or a `+` before the end.
+    #[error("{0:?} may hold only letters, digits, '-', '_', '.', '@' and a trailing '+'")]
+    Character(String),
+}
+
+impl Interface {
+    /// Parses `cali+`, `eni+`, `cni0` or `!eth0`.
+    pub fn parse(pattern: &str) -> Result<Self, InterfaceError> {
+        let pattern = pattern.trim();
+        let (negated, name) = match pattern.strip_prefix('!') {
+            Some(rest) => (true, rest.trim_start()),
+            None => (false, pattern),
+        };
+        if name.is_empty() || name == "+" {
+            return Err(InterfaceError::Empty);
+        }
+        if name.len() > 15 {
+            return Err(InterfaceError::TooLong(name.to_owned()));
+        }
+        let stem = name.strip_suffix('+').unwrap_or(name);
+        if !stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+        {
+            return Err(InterfaceError::Character(name.to_owned()));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            negated,
+        })
+    }
+}
+
+/// An IP family, each with its own tables and binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `iptables`, 169.254.169.254.
+    V4,
+    /// `ip6tables`, fd00:ec2::254.
+    V6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The program managing this family's tables.
+    pub fn program(self) -> Program {
+        match self {
+            Family::V4 => Program::Iptables,
+            Family::V6 => Program::Ip6tables,
+        }
+    }
+
+    /// The instance-metadata destination, with its prefix length as iptables prints it.
+    fn imds(self) -> String {
+        match self {
+            Family::V4 => format!("{IMDS_V4}/32"),
+            Family::V6 => format!("{IMDS_V6}/128"),
+        }
+    }
+
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// A program the [`Backend`] may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// `iptables`.
+    Iptables,
+    /// `ip6tables`.
+    Ip6tables,
+    /// `conntrack`, to forget connections made before the capture existed.
+    Conntrack,
+}
+
+impl Program {
+    /// The executable name, looked up on `PATH`.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Program::Iptables => "iptables",
+            Program::Ip6tables => "ip6tables",
+            Program::Conntrack => "conntrack",
+        }
+    }
+}
+
+/// Why a command or a reconcile pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The program could not be started (not on `PATH`, not executable).
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The executable.
+        program: &'static str,
+        /// Why it did not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program ran and exited non-zero (iptables does so for a missing chain or rule too).
+    #[error("`{program} {args}` exited with {code:?}: {stderr}")]
+    Failed {
+        /// The executable.
+        program: &'static str,
+        /// Its arguments, joined by spaces.
+        args: String,
+        /// The exit code, `None` when killed by a signal.
+        code: Option<i32>,
+        /// Its standard error, trimmed.
+        stderr: String,
+    },
+    /// The blocking task running a pass panicked or was cancelled.
+    #[error("the reconcile pass did not finish: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    /// A closed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Spawn { .. } => "spawn",
+            Error::Failed { .. } => "failed",
+            Error::Join(_) => "join",
+        }
+    }
+}
+
+/// Runs one command and returns its standard output, or [`Error::Failed`] on a non-zero exit.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs `program` with exactly `args`.
+    fn run(&self, program: Program, args: &[String]) -> Result<String, Error>;
+}
+
+/// The real backend: runs the binaries found on `PATH` (needs `CAP_NET_ADMIN`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct System;
+
+impl Backend for System {
+    fn run(&self, program: Program, args: &[String]) -> Result<String, Error> {
+        let output = Command::new(program.binary())
+            .args(args)
+            .output()
+            .map_err(|source| Error::Spawn {
+                program: program.binary(),
+                source,
+            })?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(Error::Failed {
+                program: program.binary(),
+                args: args.join(" "),
+                code: output.status.code(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            })
+        }
+    }
+}
+
+/// What [`uninstall`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Families whose tables held our chain or jump.
+    pub families: Vec<Family>,
+    /// `PREROUTING` rules deleted.
+    pub jumps: usize,
+}
+
+/// Removes the jump and the chain from both families; missing pieces (or a missing `ip6tables`) are fine.
+pub fn uninstall<B: Backend + ?Sized>(backend: &B) -> Result<Removed, Error> {
+    let mut removed = Removed::default();
+    for family in Family::ALL {
+        let program = family.program();
+        let listing = match backend.run(program, &nat(&["-S", "PREROUTING"])) {
+            Ok(listing) => listing,
+            // No ip6tables binary, or no nat table for this family: nothing of ours can be there.
+            Err(Error::Spawn { .. }) if family == Family::V6 => continue,
+            Err(Error::Failed { .. }) if family == Family::V6 => continue,
+            Err(error) => return Err(error),
+        };
+        let mut touched = false;
+        for spec in listed_rules(&listing, "PREROUTING").iter().filter(|s| jumps_to_us(s)) {
+            backend.run(program, &nat_rule("-D", "PREROUTING", spec))?;
+            removed.jumps += 1;
+            touched = true;
+        }
+        if backend.run(program, &nat(&["-S", CHAIN])).is_ok() {
+            backend.run(program, &nat(&["-F", CHAIN]))?;
+            backend.run(program, &nat(&["-X", CHAIN]))?;
+            touched = true;
+        }
+        if touched {
+            removed.families.push(family);
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{Fake, config, other_rule};
+    use super::*;
+
+    #[test]
+    fn interface_patterns_parse_with_wildcards_and_negation() {
+        assert_eq!(
+            Interface::parse("cali+"),
+            Ok(Interface {
+                name: "cali+".into(),
+                negated: false
+            })
+        );
+        assert_eq!(
+            Interface::parse("!eth0"),
+            Ok(Interface {
+                name: "eth0".into(),
+                negated: true
+            })
+        );
+        assert_eq!(Interface::parse(""), Err(InterfaceError::Empty));
+        assert_eq!(Interface::parse("!"), Err(InterfaceError::Empty));
+        assert!(matches!(
+            Interface::parse("a-very-long-name0"),
+            Err(InterfaceError::TooLong(_))
+        ));
+        assert!(matches!(
+            Interface::parse("eth0 -j ACCEPT"),
+            Err(InterfaceError::Character(_))
+        ));
+        assert!(matches!(Interface::parse("ca+li"), Err(InterfaceError::Character(_))));
+    }
+
+    #[test]
+    fn uninstall_removes_jump_and_chain_from_both_families_and_is_idempotent() {
+        let fake = &Fake::new();
+        reconcile::ensure(fake, &config(&["cali+"], &["10.0.0.7", "fd00::2"])).unwrap();
+        let mut prerouting = fake.chain("iptables", "PREROUTING").unwrap();
+        prerouting.push(other_rule());
+        fake.set_chain("iptables", "PREROUTING", prerouting);
+        let removed = uninstall(fake).unwrap();
+        assert_eq!(removed.families, [Family::V4, Family::V6]);
+        assert_eq!(removed.jumps, 2);
+        assert_eq!(fake.chain("iptables", "PREROUTING").unwrap(), vec![other_rule()]);
+        assert!(fake.chain("iptables", CHAIN).is_none() && fake.chain("ip6tables", CHAIN).is_none());
+        assert_eq!(uninstall(fake).unwrap(), Removed::default());
+    }
+
+    #[test]
+    fn uninstall_tolerates_a_node_without_ip6tables() {
+        let fake = Fake {
+            no_ip6tables: true,
+            ..Fake::new()
+        };
+        assert_eq!(uninstall(&fake).unwrap(), Removed::default());
+    }
+}
