@@ -9,6 +9,12 @@
 //!
 //! Not a libtest bench (`harness = false`): it needs child processes, wall-clock windows and one report.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+// Benchmarks measure wall-clock time and never run on a paused clock.
+#![allow(clippy::disallowed_types)]
+
 mod agent;
 mod ceiling;
 mod load;

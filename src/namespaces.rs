@@ -143,9 +143,13 @@ fn requires(namespace: &Namespace) -> bool {
 
 /// Watches all Namespaces into a [`Policy`].
 pub struct Watcher {
+    /// The API server.
     pub client: kube::Client,
+    /// What the watch keeps up to date.
     pub policy: Policy,
+    /// The list-then-watch settings.
     pub watch_config: watch::Config,
+    /// The watch metrics.
     pub watch_metrics: watch::Metrics,
 }
 

@@ -20,15 +20,25 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 /// Why a workload's role could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
+    /// The annotation's value is not a role ARN (nor a name to complete).
     #[error("annotation {annotation}={value:?} is not a valid IAM role: {reason}")]
     Invalid {
+        /// Which annotation.
         annotation: &'static str,
+        /// Its value, verbatim.
         value: String,
+        /// What is wrong with it.
         #[source]
         reason: RoleArnError,
     },
+    /// A bare role name without `--base-role-arn` to complete it.
     #[error("annotation {annotation}={value:?} names a role but no --base-role-arn is configured")]
-    NoBaseArn { annotation: &'static str, value: String },
+    NoBaseArn {
+        /// Which annotation.
+        annotation: &'static str,
+        /// Its value, verbatim.
+        value: String,
+    },
 }
 
 impl Error {

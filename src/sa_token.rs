@@ -32,27 +32,46 @@ pub enum Error {
     /// The API server answered and said no (RBAC, pod or service account gone, UID mismatch).
     #[error("TokenRequest for {service_account} refused: HTTP {status} {reason}: {message}")]
     Refused {
+        /// `namespace/name` of the service account.
         service_account: String,
+        /// The HTTP status.
         status: u16,
+        /// The Status `reason`.
         reason: String,
+        /// The Status `message`.
         message: String,
     },
     /// The API server is throttling us (429): try again later.
     #[error("TokenRequest for {service_account} throttled by the API server: {message}")]
-    Throttled { service_account: String, message: String },
+    Throttled {
+        /// `namespace/name` of the service account.
+        service_account: String,
+        /// The Status `message`.
+        message: String,
+    },
     /// The API server could not be reached or failed (5xx, transport).
     #[error("TokenRequest for {service_account} failed")]
     Unavailable {
+        /// `namespace/name` of the service account.
         service_account: String,
+        /// The client's error (shared: failures are remembered and cloned).
         #[source]
         source: Arc<kube::Error>,
     },
     /// No answer within [`MINT_TIMEOUT`].
     #[error("TokenRequest for {service_account} got no answer within {after:?}")]
-    Timeout { service_account: String, after: Duration },
+    Timeout {
+        /// `namespace/name` of the service account.
+        service_account: String,
+        /// The bound that passed.
+        after: Duration,
+    },
     /// The API server answered 2xx without a token.
     #[error("TokenRequest for {service_account} returned no token")]
-    Empty { service_account: String },
+    Empty {
+        /// `namespace/name` of the service account.
+        service_account: String,
+    },
 }
 
 impl Error {

@@ -33,22 +33,31 @@ pub enum Error {
     /// STS answered and refused: AccessDenied, InvalidIdentityToken, …
     #[error("STS refused AssumeRoleWithWebIdentity for {role}: {code}: {message}")]
     Refused {
+        /// The role ARN.
         role: String,
+        /// The AWS error code.
         code: String,
+        /// The AWS error message.
         message: String,
     },
     /// STS is throttling us (`Throttling`, `RequestLimitExceeded`): try again later, more slowly.
     #[error("STS throttled AssumeRoleWithWebIdentity for {role}: {code}: {message}")]
     Throttled {
+        /// The role ARN.
         role: String,
+        /// The AWS error code.
         code: String,
+        /// The AWS error message.
         message: String,
     },
     /// STS failed (5xx, an expired token, the IdP unreachable) or could not be reached.
     #[error("STS AssumeRoleWithWebIdentity for {role} failed: {code}: {message}")]
     Unavailable {
+        /// The role ARN.
         role: String,
+        /// The AWS error code, or what failed (`Timeout`, `DispatchFailure`, `ResponseError`).
         code: String,
+        /// What happened.
         message: String,
         /// The SDK's error, when there is one (kept whole; shared because sessions are cloned).
         #[source]
@@ -56,7 +65,10 @@ pub enum Error {
     },
     /// STS answered without usable credentials.
     #[error("STS answered AssumeRoleWithWebIdentity for {role} without credentials")]
-    Malformed { role: String },
+    Malformed {
+        /// The role ARN.
+        role: String,
+    },
 }
 
 impl Error {

@@ -34,20 +34,28 @@ impl fmt::Debug for Secret {
 /// Why a string is not an IAM role ARN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RoleArnError {
+    /// Not of the form `arn:…`.
     #[error("not an ARN (expected arn:<partition>:iam::<12-digit account>:role/<name>)")]
     NotAnArn,
+    /// An ARN of another service.
     #[error("ARN of service {0:?}, expected \"iam\"")]
     WrongService(String),
+    /// Not `aws`, `aws-cn`, `aws-us-gov`, ….
     #[error("partition {0:?} is not an AWS partition")]
     UnknownPartition(String),
+    /// IAM is global: its ARNs have an empty region.
     #[error("IAM ARNs have no region")]
     HasRegion,
+    /// Not 12 digits.
     #[error("account must be 12 digits")]
     BadAccount,
+    /// An IAM resource that is not a role.
     #[error("resource is not a role (expected role/<name>)")]
     NotARole,
+    /// A role name IAM would not accept.
     #[error("role name must be 1-64 characters of [A-Za-z0-9+=,.@_-]")]
     BadName,
+    /// A role path IAM would not accept.
     #[error("role path must be /, or /<segments>/ of [A-Za-z0-9+=,.@_-] (at most 512 characters)")]
     BadPath,
 }
@@ -157,7 +165,9 @@ impl fmt::Debug for RoleArn {
 pub struct Workload {
     /// `metadata.uid`: what distinguishes this pod from an earlier pod with the same name or IP.
     pub uid: String,
+    /// `metadata.namespace`.
     pub namespace: String,
+    /// `metadata.name`.
     pub name: String,
     /// `spec.serviceAccountName` (`default` when unset, as the API server defaults it).
     pub service_account: String,
@@ -183,8 +193,11 @@ impl Workload {
 /// Temporary AWS credentials for one pod and one role.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
+    /// `ASIA…`: identifies the STS session in CloudTrail; not a secret.
     pub access_key_id: String,
+    /// The secret access key.
     pub secret_access_key: Secret,
+    /// The STS session token.
     pub session_token: Secret,
     /// When STS says the credentials stop working.
     pub expiration: OffsetDateTime,

@@ -2,6 +2,9 @@
 //! `support/` holds the wire-level doubles and the agent harness; each other module is a topic that
 //! reads as a specification.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod admin;

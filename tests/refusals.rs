@@ -232,3 +232,31 @@ async fn two_live_pods_claiming_one_ip_are_both_refused() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 }
+
+#[tokio::test]
+async fn a_session_longer_than_the_roles_maximum_is_a_non_success_document_naming_the_error() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.sts.set_max_session_duration(3600);
+    cluster.add_pod(&pod("p", "127.0.0.44").role("app").phase("Pending"));
+    let agent = cluster.agent(&["--session-duration", "7200"]).await;
+    let doc = agent.from("127.0.0.44").get(&format!("{CREDS}app"), &[]).await.json();
+    assert_eq!(doc["Code"], "AssumeRoleUnauthorizedAccess");
+    assert!(doc["Message"].as_str().unwrap().contains("ValidationError"), "{doc}");
+}
+
+#[tokio::test]
+async fn deleting_a_service_account_takes_its_role_from_its_pods() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("irsa"));
+    cluster.add_service_account(&service_account("apps", "irsa", Some(&role("irsa"))));
+    cluster.add_pod(&pod("p", "127.0.0.45").service_account("irsa"));
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.0.45");
+    assert_eq!(caller.get(CREDS, &[]).await.text(), "irsa");
+    cluster.kube.delete_service_account("apps", "irsa");
+    eventually("the role is gone with its service account", || async {
+        caller.get(CREDS, &[]).await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+}

@@ -55,15 +55,20 @@ pub struct Config {
 /// Why a pod got no credentials.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// No service-account token.
     #[error(transparent)]
     SaToken(#[from] sa_token::Error),
+    /// No STS session.
     #[error(transparent)]
     Sts(#[from] sts::Error),
     /// STS granted less validity than we must guarantee when serving.
     #[error("STS granted credentials for {role} valid for {granted:?}, less than the {required:?} we must leave")]
     ShortLived {
+        /// The role ARN.
         role: String,
+        /// What STS granted.
         granted: Duration,
+        /// `--credential-min-remaining`.
         required: Duration,
     },
     /// The agent is shutting down; the exchange was abandoned.

@@ -45,7 +45,12 @@ pub enum Change {
     Upserted(Workload),
     /// A workload is gone or must not be served any more: deleted, finished, held, or turned into
     /// something we do not index.
-    Removed { uid: String, key: String },
+    Removed {
+        /// The pod's UID.
+        uid: String,
+        /// `namespace/name`, for logs.
+        key: String,
+    },
 }
 
 /// Why an indexed pod is not served.

@@ -40,12 +40,19 @@ impl Metrics {
 
 /// Runs both watches until shutdown.
 pub struct Watcher {
+    /// The API server.
     pub client: kube::Client,
+    /// Only this node's pods are watched.
     pub node_name: String,
+    /// What the watches keep up to date.
     pub store: Store,
+    /// Where changes go (the credential cache).
     pub events: mpsc::Sender<Event>,
+    /// The index metrics.
     pub metrics: Metrics,
+    /// The list-then-watch settings.
     pub watch_config: watch::Config,
+    /// The watch metrics.
     pub watch_metrics: watch::Metrics,
 }
 

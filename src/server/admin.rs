@@ -10,6 +10,7 @@ use super::response::Body;
 
 /// The admin request handler.
 pub struct Handler {
+    /// Every metric of the agent.
     pub registry: Registry,
     /// Ready when every one of these is true (the pod index and prefetch; the capture rule, if managed).
     pub ready: Vec<watch::Receiver<bool>>,

@@ -192,11 +192,15 @@ impl Metrics {
 
 /// The IMDS request handler.
 pub struct Handler {
+    /// The endpoint's settings.
     pub config: Config,
+    /// Who is calling.
     pub store: Store,
+    /// Their credentials.
     pub cache: Cache,
     /// Issues and verifies IMDSv2 tokens.
     pub imds_tokens: Issuer,
+    /// Request metrics.
     pub metrics: Metrics,
     /// Everything under `/latest/` that is not the credential tree.
     pub metadata: Metadata,
@@ -207,7 +211,7 @@ pub struct Handler {
 impl Handler {
     /// Answers one request from `peer`.
     pub async fn handle<B>(self: Arc<Self>, peer: IpAddr, request: Request<B>) -> Response<Body> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // An IPv4 peer seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; pods are indexed
         // by the plain IPv4 address.
         let peer = peer.to_canonical();

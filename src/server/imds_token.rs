@@ -22,10 +22,13 @@ pub const MAX_TTL_SECONDS: u64 = 21_600;
 /// Why a token was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
+    /// Not a token this agent could have issued (length, encoding, version).
     #[error("token is not one of ours")]
     Malformed,
+    /// Issued to another IP, or under another key.
     #[error("token signature does not match this caller")]
     WrongCaller,
+    /// Past its TTL.
     #[error("token expired")]
     Expired,
 }

@@ -39,7 +39,12 @@ pub enum Failure {
     /// The pod's role annotation is invalid; answered like "no role" so nothing leaks.
     InvalidRole,
     /// The role could not be assumed; the SDK should give up (no credentials).
-    Refused { role: RoleArn, error: credentials::Error },
+    Refused {
+        /// The pod's role.
+        role: RoleArn,
+        /// Why it could not be assumed.
+        error: credentials::Error,
+    },
     /// STS or the API server failed transiently; the SDK may retry.
     Unavailable,
     /// The pod view cannot say who is calling yet: not yet listed, relisting after missed events, or

@@ -238,11 +238,6 @@ impl Signer {
         &self.kid
     }
 
-    /// The public half.
-    pub fn public_key(&self) -> &RsaPublicKey {
-        &self.public
-    }
-
     /// The JWKS document the API server serves at `/openid/v1/jwks`.
     pub fn jwks(&self) -> Value {
         json!({ "keys": [jwk(&self.public, &self.kid)] })
@@ -368,14 +363,6 @@ impl Verifier {
             keys,
             issuer: issuer.to_owned(),
         })
-    }
-
-    /// From one public key (matches any `kid`).
-    pub fn from_public_key(key: RsaPublicKey, issuer: &str) -> Self {
-        Self {
-            keys: vec![(None, key)],
-            issuer: issuer.to_owned(),
-        }
     }
 
     /// The issuer tokens must carry.

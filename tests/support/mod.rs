@@ -1,5 +1,4 @@
 //! Test doubles at the wire and the harness that starts the agent against them.
-#![allow(dead_code)]
 
 pub mod agent;
 pub mod client;

@@ -266,13 +266,6 @@ impl FakeSts {
         self.shared.lock().trust_all = enabled;
     }
 
-    /// Removes every trust rule for `role_arn`.
-    pub fn distrust(&self, role_arn: &str) {
-        let mut st = self.shared.lock();
-        st.trusted.retain(|(r, _)| r != role_arn);
-        st.trusted_any.remove(role_arn);
-    }
-
     /// The audience tokens must contain (default `sts.amazonaws.com`).
     pub fn set_audience(&self, audience: &str) {
         self.shared.lock().audience = audience.to_owned();

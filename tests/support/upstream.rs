@@ -53,7 +53,6 @@ pub const NODE_SECRET: &str = "NODE-SECRET";
 /// One request the double received.
 #[derive(Debug, Clone)]
 pub struct Seen {
-    pub method: Method,
     /// The request target exactly as received.
     pub target: String,
     pub token: Option<String>,
@@ -125,7 +124,6 @@ fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Full<Byt
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     state.seen.push(Seen {
-        method: request.method().clone(),
         target: request.uri().to_string(),
         token: token.clone(),
     });
