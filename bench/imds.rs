@@ -11,7 +11,6 @@
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
-
 // Benchmarks measure wall-clock time and never run on a paused clock.
 #![allow(clippy::disallowed_types)]
 

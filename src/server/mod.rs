@@ -8,6 +8,7 @@ pub mod hop_limit;
 pub mod imds;
 pub mod imds_token;
 pub mod response;
+pub mod route;
 
 use std::convert::Infallible;
 use std::future::Future;
