@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of imds-broker, from a fresh machine: installs what the suite needs, builds once in
+# Runs every test of imds-broker, from a fresh machine: installs what the suite needs, checks the
+# TokenRequest admission policy (deploy/token-policy.yaml) with a CEL interpreter, builds once in
 # the dev profile, then runs formatting and lint checks, unit and integration tests (cargo-nextest),
 # the end-to-end suite (network namespaces + iptables + real SDKs; needs root) and the benchmark smoke
 # run. Exits non-zero on the first failure.
@@ -25,13 +26,17 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
-step "python virtualenv (boto3, moto[server], pytest)"
+step "python virtualenv (boto3, moto[server], pytest, cel-python, PyYAML)"
 if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requirements 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
   cp tests/requirements.txt .venv/.requirements
 fi
 export IMDS_BROKER_TEST_PYTHON="$root/.venv/bin/python"
+
+# Seconds, and no build needed: first, so that a broken policy fails fast.
+step "admission policy (CEL)"
+.venv/bin/python -m pytest -q tests/policy
 
 step "format and lints"
 cargo fmt --all -- --check
