@@ -15,14 +15,17 @@
 //!   exchange that finishes after its pod or role went stores nothing.
 
 pub mod limit;
+mod metrics;
 pub mod schedule;
+mod session;
+
+pub use metrics::Metrics;
+pub use session::StsSession;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -32,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::pods::{Change, Event, Store};
 use crate::roles::Resolver;
-use crate::workload::{Credentials, RoleArn, Workload};
+use crate::workload::{RoleArn, Workload};
 use crate::{sa_token, sts};
 use limit::{Limiter, Priority};
 
@@ -102,37 +105,6 @@ impl Error {
     }
 }
 
-/// One STS session as served: the credentials and their IMDS document, rendered once on first use so
-/// a cache hit costs no formatting. Holds secrets: never logged (see `Credentials`' `Debug`).
-pub struct StsSession {
-    /// The temporary credentials.
-    pub credentials: Credentials,
-    document: OnceLock<Bytes>,
-}
-
-impl StsSession {
-    /// A session for `credentials`.
-    pub fn new(credentials: Credentials) -> Self {
-        Self {
-            credentials,
-            document: OnceLock::new(),
-        }
-    }
-
-    /// The wire form, rendered by `render` the first time and reused afterwards.
-    pub fn document(&self, render: impl FnOnce(&Credentials) -> Bytes) -> Bytes {
-        self.document.get_or_init(|| render(&self.credentials)).clone()
-    }
-}
-
-impl std::fmt::Debug for StsSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StsSession")
-            .field("credentials", &self.credentials)
-            .finish_non_exhaustive()
-    }
-}
-
 /// A session and its timetable (tokio time, so paused-time tests drive it).
 struct Held {
     session: Arc<StsSession>,
@@ -178,65 +150,6 @@ enum Decision {
     Join(watch::Receiver<Option<Outcome>>),
     Remembered(Error),
     Fetch,
-}
-
-/// Cache metrics.
-#[derive(Clone)]
-pub struct Metrics {
-    lookups: IntCounterVec,
-    fetches: IntCounterVec,
-    fetch_seconds: HistogramVec,
-    pods: IntGauge,
-    in_flight: IntGauge,
-}
-
-impl Metrics {
-    /// Creates and registers the metrics.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let lookups = IntCounterVec::new(
-            Opts::new(
-                "imds_broker_credentials_lookups_total",
-                "Credential lookups by result: hit, stale (served past the fresh window because refreshes fail), \
-                 remembered (a recent failure answered again), miss",
-            ),
-            &["result"],
-        )?;
-        let fetches = IntCounterVec::new(
-            Opts::new(
-                "imds_broker_credentials_fetches_total",
-                "TokenRequest + AssumeRoleWithWebIdentity exchanges, by cause and outcome",
-            ),
-            &["cause", "outcome"],
-        )?;
-        let fetch_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "imds_broker_credentials_fetch_duration_seconds",
-                "Time to mint a service-account token and exchange it at STS, waiting for the node's budget included",
-            )
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-            &["cause"],
-        )?;
-        let pods = IntGauge::new(
-            "imds_broker_credentials_pods",
-            "Pods with cached STS sessions or remembered failures (updated by the refresher)",
-        )?;
-        let in_flight = IntGauge::new(
-            "imds_broker_credentials_exchanges_in_flight",
-            "Exchanges started and not finished, waiting for the node's budget included",
-        )?;
-        registry.register(Box::new(lookups.clone()))?;
-        registry.register(Box::new(fetches.clone()))?;
-        registry.register(Box::new(fetch_seconds.clone()))?;
-        registry.register(Box::new(pods.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        Ok(Self {
-            lookups,
-            fetches,
-            fetch_seconds,
-            pods,
-            in_flight,
-        })
-    }
 }
 
 /// Shared handle to the cache.

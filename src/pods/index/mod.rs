@@ -1,0 +1,415 @@
+//! The pure map from a caller's IP address to the pod that owns it on this node, fed by watch events.
+//!
+//! Invariants:
+//! - entries are keyed by pod UID, and an IP points at UIDs, so a late delete of an old pod can never
+//!   remove a newer pod that reuses its IP;
+//! - `hostNetwork` pods are never indexed (their IP is the node's and identifies nothing), nor are pods
+//!   that finished (`Succeeded`/`Failed`) or that have no UID;
+//! - a pod whose containers have all terminated for good (deleting, or a restart policy that will not
+//!   start them again), or whose every container started before the node last booted (its status was
+//!   not republished since a reboot, and the CNI may have handed its IP to another pod), is *held*: its
+//!   IP answers [`Lookup::Pending`], never the pod, until its status says it runs again or it is gone;
+//! - when two live pods claim one IP, that IP resolves to nobody until it is unambiguous again;
+//! - a terminating pod whose containers still run keeps its IP (graceful shutdown needs credentials)
+//!   until a live pod claims it.
+//!
+//! No I/O and no clock: `watch` feeds it, tests drive it directly; the node's boot time is given.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, ServiceAccount};
+
+use crate::roles::{POD_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION};
+use crate::workload::Workload;
+
+/// What a caller's IP resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Exactly one pod owns the address (shared, so a lookup copies nothing).
+    Found(Arc<Workload>),
+    /// Several live pods claim the address; serving any of them could hand out another pod's role.
+    Ambiguous(Vec<String>),
+    /// Only held pods (terminated, or not republished since the node booted) claim the address: its
+    /// next owner may not be published yet.
+    Pending,
+    /// No pod on this node has the address.
+    Unknown,
+}
+
+/// A change to a workload that credential holders must react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A workload was added or changed (IP, phase, annotation, service account role).
+    Upserted(Workload),
+    /// A workload is gone or must not be served any more: deleted, finished, held, or turned into
+    /// something we do not index.
+    Removed {
+        /// The pod's UID.
+        uid: String,
+        /// `namespace/name`, for logs.
+        key: String,
+    },
+}
+
+/// Why an indexed pod is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Every container has terminated and none will start again.
+    Terminated,
+    /// Every container started before the node's boot: the status is from before a reboot.
+    BeforeBoot,
+}
+
+/// IP → pod index plus the service accounts' role annotations.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Pods that are served, by UID.
+    pods: HashMap<String, Arc<Workload>>,
+    /// Pods that are indexed but held, by UID, with the addresses they claim.
+    held: HashMap<String, Vec<IpAddr>>,
+    /// Address → UIDs of served and held pods claiming it.
+    by_ip: HashMap<IpAddr, Vec<String>>,
+    /// (namespace, name) → value of the IRSA annotation.
+    service_accounts: HashMap<(String, String), Option<String>>,
+    /// The node's boot time in Unix seconds, when known.
+    boot_time: Option<i64>,
+}
+
+/// Converts a pod to a workload, or `None` when the pod must not be indexed.
+pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Workload> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let uid = meta.uid.clone().filter(|u| !u.is_empty())?;
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    // Older API servers only fill `podIP`.
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+    }
+    Some(Workload {
+        uid,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        pod_role: annotation(&meta.annotations, POD_ANNOTATION),
+        service_account_role,
+        ips,
+        running: phase == Some("Running"),
+        terminating: meta.deletion_timestamp.is_some(),
+    })
+}
+
+/// Whether an indexable pod must be held rather than served, given the node's boot time.
+pub fn hold_of(pod: &Pod, boot_time: Option<i64>) -> Option<Hold> {
+    let containers: &[ContainerStatus] = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    if containers.is_empty() {
+        return None;
+    }
+    fn terminated(c: &ContainerStatus) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
+        c.state.as_ref()?.terminated.as_ref()
+    }
+    if containers.iter().all(|c| terminated(c).is_some()) {
+        let restart = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref())
+            .unwrap_or("Always");
+        let all_succeeded = containers
+            .iter()
+            .all(|c| terminated(c).is_some_and(|t| t.exit_code == 0));
+        // The kubelet restarts containers unless the pod is going away or its policy says no.
+        let final_ = pod.metadata.deletion_timestamp.is_some()
+            || restart == "Never"
+            || (restart == "OnFailure" && all_succeeded);
+        if final_ {
+            return Some(Hold::Terminated);
+        }
+    }
+    let boot = boot_time?;
+    let started = |c: &ContainerStatus| {
+        let state = c.state.as_ref()?;
+        let at = state
+            .running
+            .as_ref()
+            .and_then(|r| r.started_at.as_ref())
+            .or_else(|| state.terminated.as_ref().and_then(|t| t.started_at.as_ref()))?;
+        Some(at.0.as_second())
+    };
+    containers
+        .iter()
+        .all(|c| started(c).is_some_and(|at| at < boot))
+        .then_some(Hold::BeforeBoot)
+}
+
+fn annotation(annotations: &Option<BTreeMap<String, String>>, key: &str) -> Option<String> {
+    annotations.as_ref().and_then(|a| a.get(key)).cloned()
+}
+
+fn sa_key(namespace: &str, name: &str) -> (String, String) {
+    (namespace.to_owned(), name.to_owned())
+}
+
+impl Index {
+    /// An empty index that knows no boot time (pods are never held for it).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty index for a node that booted at `boot_time` (Unix seconds).
+    pub fn with_boot_time(boot_time: Option<i64>) -> Self {
+        Self {
+            boot_time,
+            ..Self::default()
+        }
+    }
+
+    /// Number of served pods.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// True when no pod is served.
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// Sizes of every per-pod structure: (served pods, held pods, addresses), for leak checks.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.pods.len(), self.held.len(), self.by_ip.len())
+    }
+
+    /// The pod that owns `ip`.
+    pub fn lookup(&self, ip: IpAddr) -> Lookup {
+        let Some(uids) = self.by_ip.get(&ip) else {
+            return Lookup::Unknown;
+        };
+        let candidates = || uids.iter().filter_map(|u| self.pods.get(u));
+        // Live pods own the address; terminating ones only while no live pod claims it.
+        let live = candidates().filter(|w| !w.terminating).count();
+        let owners = || candidates().filter(move |w| live == 0 || !w.terminating);
+        let mut found = owners();
+        match (found.next(), found.next()) {
+            (None, _) if uids.iter().any(|u| self.held.contains_key(u)) => Lookup::Pending,
+            (None, _) => Lookup::Unknown,
+            (Some(one), None) => Lookup::Found(one.clone()),
+            _ => Lookup::Ambiguous(owners().map(|w| w.key()).collect()),
+        }
+    }
+
+    /// The served workload with this UID.
+    pub fn get(&self, uid: &str) -> Option<&Workload> {
+        self.pods.get(uid).map(|w| &**w)
+    }
+
+    /// Every served workload.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods.values()
+    }
+
+    /// Applies an added or modified pod.
+    pub fn apply_pod(&mut self, pod: &Pod) -> Option<Change> {
+        let uid = pod.metadata.uid.clone()?;
+        let sa_role = self.service_account_role_for(pod);
+        match workload_of(pod, sa_role) {
+            Some(workload) => match hold_of(pod, self.boot_time) {
+                None => Some(self.upsert(workload)),
+                Some(_) => self.hold(workload),
+            },
+            None => self.remove(&uid),
+        }
+    }
+
+    /// Applies a deleted pod. Only the entry with this pod's UID goes.
+    pub fn delete_pod(&mut self, pod: &Pod) -> Option<Change> {
+        self.remove(pod.metadata.uid.as_deref()?)
+    }
+
+    /// Replaces every pod with a fresh list (after a relist), returning what changed.
+    pub fn replace_pods<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Change> {
+        let mut seen = HashSet::new();
+        let mut changes = Vec::new();
+        for pod in pods {
+            if let Some(uid) = &pod.metadata.uid {
+                seen.insert(uid.clone());
+            }
+            let before = pod.metadata.uid.as_ref().and_then(|u| self.pods.get(u)).cloned();
+            let before = before.as_deref();
+            if let Some(change) = self.apply_pod(pod) {
+                let unchanged = matches!((before, &change), (Some(b), Change::Upserted(a)) if a == b);
+                if !unchanged {
+                    changes.push(change);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .chain(self.held.keys())
+            .filter(|u| !seen.contains(*u))
+            .cloned()
+            .collect();
+        changes.extend(gone.iter().filter_map(|uid| self.remove(uid)));
+        changes
+    }
+    /// Records a service account's role annotation; returns the workloads whose role source changed.
+    pub fn apply_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
+        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
+        let name = sa.metadata.name.as_deref().unwrap_or_default();
+        let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
+        self.set_service_account_role(namespace, name, role, true)
+    }
+
+    /// Forgets a deleted service account.
+    pub fn delete_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
+        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
+        let name = sa.metadata.name.as_deref().unwrap_or_default();
+        self.set_service_account_role(namespace, name, None, false)
+    }
+
+    /// Replaces every service account with a fresh list.
+    pub fn replace_service_accounts<'a>(
+        &mut self,
+        accounts: impl IntoIterator<Item = &'a ServiceAccount>,
+    ) -> Vec<Change> {
+        let mut fresh: HashMap<(String, String), Option<String>> = HashMap::new();
+        for sa in accounts {
+            let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
+            let name = sa.metadata.name.as_deref().unwrap_or_default();
+            let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
+            fresh.insert(sa_key(namespace, name), role);
+        }
+        let stale: Vec<(String, String)> = self
+            .service_accounts
+            .keys()
+            .filter(|k| !fresh.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut changes = Vec::new();
+        for (ns, name) in stale {
+            changes.extend(self.set_service_account_role(&ns, &name, None, false));
+        }
+        for ((ns, name), role) in fresh {
+            changes.extend(self.set_service_account_role(&ns, &name, role, true));
+        }
+        changes
+    }
+
+    fn set_service_account_role(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        role: Option<String>,
+        exists: bool,
+    ) -> Vec<Change> {
+        if exists {
+            self.service_accounts.insert(sa_key(namespace, name), role.clone());
+        } else {
+            self.service_accounts.remove(&sa_key(namespace, name));
+        }
+        self.pods
+            .values_mut()
+            .filter(|w| w.namespace == namespace && w.service_account == name && w.service_account_role != role)
+            .map(|w| {
+                Arc::make_mut(w).service_account_role = role.clone();
+                Change::Upserted((**w).clone())
+            })
+            .collect()
+    }
+
+    fn service_account_role_for(&self, pod: &Pod) -> Option<String> {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        self.service_accounts.get(&sa_key(namespace, name)).cloned().flatten()
+    }
+
+    fn upsert(&mut self, workload: Workload) -> Change {
+        self.forget(&workload.uid);
+        self.link(&workload.uid, &workload.ips);
+        self.pods.insert(workload.uid.clone(), Arc::new(workload.clone()));
+        Change::Upserted(workload)
+    }
+
+    /// Keeps the pod's addresses claimed but stops serving it; a change only if it was served.
+    fn hold(&mut self, workload: Workload) -> Option<Change> {
+        let was_served = self.forget(&workload.uid);
+        self.link(&workload.uid, &workload.ips);
+        self.held.insert(workload.uid.clone(), workload.ips.clone());
+        was_served.map(|old| Change::Removed {
+            uid: workload.uid.clone(),
+            key: old.key(),
+        })
+    }
+
+    /// Forgets a pod entirely; a change only if it was served.
+    fn remove(&mut self, uid: &str) -> Option<Change> {
+        let old = self.forget(uid)?;
+        Some(Change::Removed {
+            uid: uid.to_owned(),
+            key: old.key(),
+        })
+    }
+
+    /// Drops `uid` from every map, returning its served workload if it had one.
+    fn forget(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        if let Some(ips) = self.held.remove(uid) {
+            self.unlink(uid, &ips);
+        }
+        let old = self.pods.remove(uid)?;
+        self.unlink(uid, &old.ips);
+        Some(old)
+    }
+
+    fn link(&mut self, uid: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            let uids = self.by_ip.entry(*ip).or_default();
+            if !uids.iter().any(|u| u == uid) {
+                uids.push(uid.to_owned());
+            }
+        }
+    }
+
+    fn unlink(&mut self, uid: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            if let Some(uids) = self.by_ip.get_mut(ip) {
+                uids.retain(|u| u != uid);
+                if uids.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
