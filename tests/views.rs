@@ -9,7 +9,6 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::support::Cluster;
-use crate::support::agent::Agent;
 use crate::support::fixtures::{pod, role, service_account};
 use crate::support::kube::{ContainerFixture, Kind, Outage};
 
@@ -17,25 +16,6 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
 fn running() -> ContainerFixture {
     ContainerFixture::Running(OffsetDateTime::now_utc() - time::Duration::seconds(5))
-}
-
-/// Polls `path` from `source` every 100 ms (paused time) until it answers 200, returning every status
-/// seen before and the 200's body.
-async fn until_ok(agent: &Agent, source: &str, path: &str, limit: Duration) -> (Vec<StatusCode>, String) {
-    let started = Instant::now();
-    let mut before = Vec::new();
-    loop {
-        let reply = agent.from(source).get(path, &[]).await;
-        if reply.status == StatusCode::OK {
-            return (before, reply.text());
-        }
-        before.push(reply.status);
-        assert!(
-            started.elapsed() < limit,
-            "{path} from {source}: no 200 within {limit:?}: {before:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The IRSA pod must get its service account's role, never `--default-role`, whichever list is slow.
@@ -48,7 +28,7 @@ async fn nothing_is_answered_before_the_view_is_whole(slow: Kind, source: &str) 
     cluster.kube.upsert_namespace("apps", &[]);
     cluster.kube.set_list_delay(slow, Duration::from_secs(20));
     let agent = cluster.agent_unready(&["--default-role", &role("fallback")]).await;
-    let (before, listing) = until_ok(&agent, source, CREDS, Duration::from_secs(60)).await;
+    let (before, listing) = agent.until_ok(source, CREDS, Duration::from_secs(60)).await;
     assert_eq!(listing, "irsa", "{slow:?} slow");
     // Each refused request waited --pod-wait (500 ms) for the view first: 20 s make about 33.
     assert!(
@@ -114,7 +94,7 @@ async fn after_410_gone_the_agent_refuses_until_it_has_relisted_and_never_serves
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!agent.is_ready().await, "not ready while relisting");
-    let (before, listing) = until_ok(&agent, "127.0.9.4", CREDS, Duration::from_secs(30)).await;
+    let (before, listing) = agent.until_ok("127.0.9.4", CREDS, Duration::from_secs(30)).await;
     assert_eq!(listing, "new-role");
     assert!(
         !before.is_empty() && before.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE),
@@ -203,7 +183,7 @@ async fn an_api_outage(outage: Outage, sources: [&str; 3]) {
     // Churn right after: one pod created, one deleted.
     cluster.add_pod(&pod("fresh", sources[2]).role("app").container(running()));
     cluster.kube.delete_pod("apps", "known");
-    let (_, listing) = until_ok(&agent, sources[2], CREDS, Duration::from_secs(30)).await;
+    let (_, listing) = agent.until_ok(sources[2], CREDS, Duration::from_secs(30)).await;
     assert_eq!(listing, "app");
     assert!(
         back.elapsed() <= Duration::from_secs(10),

@@ -116,6 +116,30 @@ impl Agent {
         parse_metric(&self.metrics().await, name, labels)
     }
 
+    /// Asks `path` from `source` every 100 ms until it answers 200, failing the test after `limit`;
+    /// returns every status seen before and the 200's body. Meant for paused time.
+    pub async fn until_ok(&self, source: &str, path: &str, limit: Duration) -> (Vec<StatusCode>, String) {
+        let caller = self.from(source);
+        let seen = std::sync::Mutex::new((Vec::new(), None));
+        let answered = super::client::poll(limit, Duration::from_millis(100), || {
+            let seen = &seen;
+            async move {
+                let reply = caller.get(path, &[]).await;
+                let mut seen = seen.lock().unwrap();
+                if reply.status == StatusCode::OK {
+                    seen.1 = Some(reply.text());
+                    return true;
+                }
+                seen.0.push(reply.status);
+                false
+            }
+        })
+        .await;
+        let (before, body) = seen.into_inner().unwrap();
+        assert!(answered, "{path} from {source}: no 200 within {limit:?}: {before:?}");
+        (before, body.unwrap_or_default())
+    }
+
     /// Stops the agent and waits for it to drain.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
