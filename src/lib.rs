@@ -1,16 +1,25 @@
 //! imds-broker: per-pod AWS IAM credentials over an EC2-instance-metadata-compatible endpoint.
 //!
 //! A pod's SDK asks `169.254.169.254` for credentials; the node DNATs that to this agent, which finds
-//! the pod by source IP, resolves its role, mints a token bound to that pod with the TokenRequest API,
+//! the pod by source IP, resolves its role, mints a service-account token bound to that pod with the
+//! TokenRequest API,
 //! exchanges it at STS with `AssumeRoleWithWebIdentity` (unsigned: the node holds no AWS credentials),
-//! caches the session per pod and answers exactly as IMDS does.
+//! caches the STS session per pod and answers exactly as IMDS does.
+//!
+//! Three tokens, three names: an *IMDSv2 token* is what `PUT /latest/api/token` hands a pod
+//! ([`server::imds_token`]); a *service-account token* is what TokenRequest mints for STS
+//! ([`sa_token`]); the *STS session token* is part of the credentials. The agent's own IMDSv2 token at
+//! the node's IMDS is its *upstream token* ([`metadata`]).
 //!
 //! # Layout
 //! Dependencies point one way, top to bottom:
 //! - [`app`], [`config`], [`shutdown`], [`telemetry`]: composition, flags, signals, logging;
-//! - [`server`]: the IMDS and admin endpoints; `server::response` alone turns failures into HTTP;
+//! - [`server`]: the IMDS and admin endpoints — `route` (method and target alone), `imds` (the
+//!   handler), `imds_token` (IMDSv2 tokens), `document` (EC2's documents), `response` (the one place
+//!   failures become HTTP);
 //! - [`metrics`]: the registry and its encoding;
-//! - [`credentials`]: the per-pod session cache (single-flight, refresh, prefetch, eviction);
+//! - [`credentials`]: the per-pod STS session cache (exchanges on their own tasks, remembered
+//!   failures, the node's exchange budget in `limit`, timing policies in `schedule`);
 //! - [`pods`], [`roles`], [`sa_token`], [`sts`]: who is calling, which role, a service-account token
 //!   bound to the pod, the STS session;
 //! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;

@@ -73,11 +73,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1200..=43200))]
     pub session_duration: u64,
 
-    /// Audience of the pod-bound tokens (the client id of the cluster's OIDC provider in IAM).
+    /// Audience of the pod-bound service-account tokens (the client id of the cluster's OIDC provider in IAM).
     #[arg(long, env = "IMDS_BROKER_TOKEN_AUDIENCE", default_value = "sts.amazonaws.com")]
     pub token_audience: String,
 
-    /// Lifetime of the pod-bound tokens, in seconds (the API server's minimum is 600).
+    /// Lifetime of the pod-bound service-account tokens, in seconds (the API server's minimum is 600).
     #[arg(long, env = "IMDS_BROKER_TOKEN_EXPIRATION", default_value_t = 600,
           value_parser = clap::value_parser!(i64).range(600..=86400))]
     pub token_expiration: i64,
