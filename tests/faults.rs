@@ -247,6 +247,20 @@ async fn sts_outage(mode: StsDown, source: &str) {
         (5..=2 * 37 + 2).contains(&calls),
         "{mode:?}: {calls} STS calls during the outage"
     );
+    // Never more than a few calls in any minute, whatever the pod's SDK does (it asks every 10 s).
+    if !matches!(mode, StsDown::Refused) {
+        let at: Vec<tokio::time::Instant> = cluster.sts.call_log().iter().map(|c| c.at).collect();
+        let busiest = at
+            .iter()
+            .map(|start| {
+                at.iter()
+                    .filter(|t| **t >= *start && **t < *start + Duration::from_secs(60))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(busiest <= 4, "{mode:?}: {busiest} STS calls in one minute");
+    }
     assert!(
         agent
             .metric("imds_broker_credentials_lookups_total", "result=\"stale\"")

@@ -104,6 +104,35 @@ async fn after_410_gone_the_agent_refuses_until_it_has_relisted_and_never_serves
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_plain_disconnect_resumes_from_the_last_version_and_refuses_nobody() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", "127.0.9.12").role("app").container(running()));
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.9.12");
+    for _ in 0..20 {
+        cluster.kube.break_watches();
+        tokio::task::yield_now().await;
+        assert_eq!(caller.get(CREDS, &[]).await.text(), "app");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Resumed, never relisted: nothing was missed.
+    assert_eq!(
+        agent.metric("imds_broker_watch_relists_total", "cause=\"gone\"").await,
+        0.0
+    );
+    assert_eq!(
+        agent
+            .metric("imds_broker_watch_relists_total", "resource=\"pods\",cause=\"initial\"")
+            .await,
+        1.0
+    );
+    // And a pod created after the cuts is seen.
+    cluster.add_pod(&pod("q", "127.0.9.13").role("app").container(running()));
+    agent.until_ok("127.0.9.13", CREDS, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_silent_watch_is_relisted_and_bookmarks_keep_a_quiet_one_alive() {
     let cluster = Cluster::start().await;
     cluster.sts.trust_any(&role("app"));
