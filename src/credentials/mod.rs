@@ -271,16 +271,19 @@ impl Cache {
     /// The sessions of pod `uid`, created on first use; `None` if the pod left the index meanwhile (so
     /// a request racing the pod's deletion leaves nothing behind).
     async fn sessions_of(&self, uid: &str) -> Option<Arc<PodSessions>> {
-        let pod = self
+        let entry = self
             .inner
             .pods
-            .get_with_by_ref(uid, async { Arc::new(PodSessions::default()) })
+            .entry_by_ref(uid)
+            .or_insert_with(async { Arc::new(PodSessions::default()) })
             .await;
-        if self.inner.store.read(|i| i.get(uid).is_none()) {
+        // Only a new entry can race the pod's eviction (an existing one is evicted after the index
+        // forgot the pod, and the index is what the caller was found in).
+        if entry.is_fresh() && self.inner.store.read(|i| i.get(uid).is_none()) {
             self.inner.pods.invalidate(uid).await;
             return None;
         }
-        Some(pod)
+        Some(entry.into_value())
     }
 
     /// Decides a lookup, starting a refresh when one is due and none is running or backing off.

@@ -445,10 +445,10 @@ def variable(name: str):
 
 
 def test_the_allowed_values_are_the_agents_defaults():
-    config = (ROOT / "src" / "config.rs").read_text()
+    config = (ROOT / "src" / "config" / "mod.rs").read_text()
     audience = re.search(r'env = "IMDS_BROKER_TOKEN_AUDIENCE", default_value = "([^"]+)"', config)
     expiration = re.search(r'env = "IMDS_BROKER_TOKEN_EXPIRATION", default_value_t = (\d+)', config)
-    assert audience and expiration, "src/config.rs no longer declares the token flags as expected"
+    assert audience and expiration, "src/config/mod.rs no longer declares the token flags as expected"
     assert list(variable("allowedAudiences")) == [audience.group(1)]
     assert int(variable("maxExpirationSeconds")) == int(expiration.group(1)) == 600
 
