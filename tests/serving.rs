@@ -360,3 +360,16 @@ async fn a_pod_annotation_change_takes_effect_without_a_restart() {
     );
     assert_eq!(caller.get(&format!("{CREDS}after"), &[]).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn the_agent_calls_sts_unsigned_because_it_holds_no_aws_credentials() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", "127.0.0.19").role("app"));
+    let agent = cluster.agent(&[]).await;
+    let reply = agent.from("127.0.0.19").get(&format!("{CREDS}app"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let calls = cluster.sts.call_log();
+    assert!(!calls.is_empty());
+    assert!(calls.iter().all(|c| !c.signed), "{calls:?}");
+}

@@ -75,6 +75,9 @@ pub struct Call {
     /// When the request arrived, on tokio's clock (paused in compressed-time tests).
     #[serde(skip)]
     pub at: Instant,
+    /// The request carried a SigV4 signature or AWS credentials (`Authorization`,
+    /// `X-Amz-Security-Token`, or their query-string forms).
+    pub signed: bool,
 }
 
 struct StsState {
@@ -432,6 +435,12 @@ impl StsError {
 
 async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body> {
     let arrived = Instant::now();
+    let signed = req.headers().contains_key("authorization")
+        || req.headers().contains_key("x-amz-security-token")
+        || req
+            .uri()
+            .query()
+            .is_some_and(|q| q.contains("X-Amz-Signature") || q.contains("X-Amz-Credential"));
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -474,6 +483,7 @@ async fn handle(shared: Arc<StsShared>, req: Request<Incoming>) -> Response<Body
         status: result.as_ref().map_or_else(|e| e.status, |_| 200),
         outcome: result.as_ref().map_or_else(|e| e.code.clone(), |_| "OK".to_owned()),
         at: arrived,
+        signed,
     });
     drop(st);
     match result {
