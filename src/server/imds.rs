@@ -101,7 +101,12 @@ impl Handler {
         // An IPv4 peer seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; pods are indexed
         // by the plain IPv4 address.
         let peer = peer.to_canonical();
-        let route = route_target(request.method(), request.uri());
+        let header_bytes: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        let route = if header_bytes > super::MAX_HEADERS {
+            Err(Failure::HeadersTooLarge)
+        } else {
+            route_target(request.method(), request.uri())
+        };
         let label = route.as_ref().map_or("other", Route::label);
         let outcome = match route {
             Ok(route) => self.answer(peer, &request, route).await,

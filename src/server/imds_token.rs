@@ -2,9 +2,12 @@
 //! caller's IP, expiring. Not to be confused with service-account tokens ([`crate::sa_token`]) or the
 //! STS session token inside credentials.
 //!
-//! A token is base64 of `version (1) ‖ expiry (8, unix seconds, big-endian) ‖ HMAC-SHA256(key, version ‖
-//! expiry ‖ caller IP as 16 bytes)`: 41 bytes, 56 characters, like EC2's. Nothing is stored per token, so
-//! a token flood costs no memory. Pure: the caller passes the time.
+//! A token is base64 of `version (1) ‖ expiry (8, unix seconds, big-endian) ‖ nonce (8, random) ‖
+//! HMAC-SHA256(key, version ‖ expiry ‖ nonce ‖ caller IP as 16 bytes), first 24 bytes`: 41 bytes, 56
+//! characters, like EC2's. The nonce makes every `PUT` return a fresh token, as EC2 does (two PUTs in one
+//! second with one TTL must not return the same token). Version 1 tokens (no nonce, the whole 32-byte
+//! tag), issued before, still verify until they expire. Nothing is stored per token, so a token flood
+//! costs no memory. The caller passes the time.
 
 use std::net::IpAddr;
 
@@ -13,8 +16,12 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-const VERSION: u8 = 1;
-const LEN: usize = 1 + 8 + 32;
+/// What is issued: with a nonce, the tag truncated to 24 bytes (192 bits).
+const VERSION: u8 = 2;
+/// What was issued before: no nonce, the whole tag.
+const VERSION_1: u8 = 1;
+const LEN: usize = 41;
+const TAG: usize = 24;
 
 /// The longest TTL EC2 grants: six hours.
 pub const MAX_TTL_SECONDS: u64 = 21_600;
@@ -85,13 +92,14 @@ impl Issuer {
         mac
     }
 
-    /// A token for `ip`, valid for `ttl_seconds` from `now` (unix seconds).
+    /// A fresh token for `ip`, valid for `ttl_seconds` from `now` (unix seconds).
     pub fn issue(&self, ip: IpAddr, ttl_seconds: u64, now: u64) -> String {
         let mut bytes = Vec::with_capacity(LEN);
         bytes.push(VERSION);
         bytes.extend_from_slice(&(now + ttl_seconds).to_be_bytes());
+        bytes.extend_from_slice(&rand::random::<[u8; 8]>());
         let tag = self.mac(&bytes, ip).finalize().into_bytes();
-        bytes.extend_from_slice(&tag);
+        bytes.extend_from_slice(&tag[..TAG]);
         STANDARD.encode(bytes)
     }
 
@@ -101,11 +109,17 @@ impl Issuer {
             return Err(Invalid::Malformed);
         }
         let bytes = STANDARD.decode(token).map_err(|_| Invalid::Malformed)?;
-        if bytes.len() != LEN || bytes[0] != VERSION {
+        if bytes.len() != LEN {
             return Err(Invalid::Malformed);
         }
-        let (head, tag) = bytes.split_at(9);
-        self.mac(head, ip).verify_slice(tag).map_err(|_| Invalid::WrongCaller)?;
+        let (head, tag) = match bytes[0] {
+            VERSION => bytes.split_at(LEN - TAG),
+            VERSION_1 => bytes.split_at(9),
+            _ => return Err(Invalid::Malformed),
+        };
+        self.mac(head, ip)
+            .verify_truncated_left(tag)
+            .map_err(|_| Invalid::WrongCaller)?;
         let expiry = u64::from_be_bytes(head[1..9].try_into().expect("8 bytes"));
         if now >= expiry {
             return Err(Invalid::Expired);
@@ -139,6 +153,34 @@ mod tests {
         assert!(t.bytes().all(|b| b.is_ascii_graphic()));
         assert_eq!(s.verify(&t, ip("10.0.0.1"), 1_059), Ok(()));
         assert_eq!(s.verify(&t, ip("10.0.0.1"), 1_060), Err(Invalid::Expired));
+    }
+
+    #[test]
+    fn every_put_returns_a_fresh_token_even_in_the_same_second_with_the_same_ttl() {
+        let s = Issuer::new([7; 32]);
+        let tokens: std::collections::HashSet<String> = (0..1000).map(|_| s.issue(ip("10.0.0.1"), 60, 1_000)).collect();
+        assert_eq!(tokens.len(), 1000);
+        assert!(tokens.iter().all(|t| s.verify(t, ip("10.0.0.1"), 1_001).is_ok()));
+    }
+
+    #[test]
+    fn tokens_issued_before_nonces_still_verify_until_they_expire() {
+        let s = Issuer::new([7; 32]);
+        let mut v1 = vec![VERSION_1];
+        v1.extend_from_slice(&1_060u64.to_be_bytes());
+        let tag = s.mac(&v1, ip("10.0.0.1")).finalize().into_bytes();
+        v1.extend_from_slice(&tag);
+        let token = STANDARD.encode(&v1);
+        assert_eq!(s.verify(&token, ip("10.0.0.1"), 1_000), Ok(()));
+        assert_eq!(s.verify(&token, ip("10.0.0.2"), 1_000), Err(Invalid::WrongCaller));
+        assert_eq!(s.verify(&token, ip("10.0.0.1"), 1_060), Err(Invalid::Expired));
+        // Relabelling a new token as version 1 does not make it verify.
+        let mut relabelled = STANDARD.decode(s.issue(ip("10.0.0.1"), 60, 1_000)).unwrap();
+        relabelled[0] = VERSION_1;
+        assert_eq!(
+            s.verify(&STANDARD.encode(&relabelled), ip("10.0.0.1"), 1_000),
+            Err(Invalid::WrongCaller)
+        );
     }
 
     #[test]

@@ -26,6 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use response::Body;
 
+/// The most a request's head (request line and headers) may take in the read buffer of a connection.
+pub const MAX_HEAD: usize = 80 * 1024;
+
+/// The most a request's header fields may take, names and values together.
+pub const MAX_HEADERS: usize = 16 * 1024;
+
 /// Serves `handler` on `listener` until `shutdown`, then stops accepting and lets in-flight requests
 /// finish for at most `drain`.
 pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, drain: Duration)
@@ -62,7 +68,9 @@ where
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(5))
-            .max_buf_size(16 * 1024)
+            // Room for a target well past the router's limit, so an overlong one is told apart (414)
+            // from overlong headers (431, checked by the handler); past this, hyper answers 431.
+            .max_buf_size(MAX_HEAD)
             .serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -22,6 +22,10 @@ pub type Body = Full<Bytes>;
 pub enum Failure {
     /// The request target is not a clean path (dot segments, encodings, backslashes, control bytes).
     BadPath,
+    /// The request target is longer than the router takes.
+    TargetTooLong,
+    /// The request's headers are larger than the endpoint takes.
+    HeadersTooLarge,
     /// Token request without a valid TTL header.
     BadTtl,
     /// Token request carrying `X-Forwarded-For`: it came through a proxy, refuse as EC2 does.
@@ -61,6 +65,8 @@ impl Failure {
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::BadPath => "bad_path",
+            Failure::TargetTooLong => "target_too_long",
+            Failure::HeadersTooLarge => "headers_too_large",
             Failure::BadTtl => "bad_ttl",
             Failure::Forwarded => "forwarded",
             Failure::VersionedTokenPath => "versioned_token_path",
@@ -81,6 +87,11 @@ impl Failure {
     pub fn into_response(self) -> Response<Body> {
         match self {
             Failure::BadPath | Failure::BadTtl => error_page(StatusCode::BAD_REQUEST, "400 - Bad Request"),
+            Failure::TargetTooLong => error_page(StatusCode::URI_TOO_LONG, "414 - Request-URI Too Large"),
+            Failure::HeadersTooLarge => error_page(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "431 - Request Header Fields Too Large",
+            ),
             Failure::Forwarded | Failure::VersionedTokenPath => empty(StatusCode::FORBIDDEN),
             Failure::MethodNotAllowed(allow) => {
                 let mut response = empty(StatusCode::METHOD_NOT_ALLOWED);
@@ -200,6 +211,8 @@ mod tests {
     fn failures_map_to_ec2_statuses() {
         let cases = [
             (Failure::BadPath, 400),
+            (Failure::TargetTooLong, 414),
+            (Failure::HeadersTooLarge, 431),
             (Failure::BadTtl, 400),
             (Failure::Forwarded, 403),
             (Failure::VersionedTokenPath, 403),
