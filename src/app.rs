@@ -112,6 +112,7 @@ impl App {
             cache: cache.clone(),
             imds_tokens,
             metrics: imds::Metrics::register(&registry)?,
+            refusal_log: server::refusal_log::Limiter::register(&registry)?,
             metadata,
             namespaces: namespace_policy,
         });

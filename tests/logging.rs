@@ -79,3 +79,41 @@ async fn secrets_never_reach_logs_or_metrics_even_at_trace_level() {
     // Every service-account token is a JWT, and every JWT starts with a base64url '{"'.
     assert!(!text.contains("eyJ"), "a JWT reached the logs");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_bad_tokens_and_unknown_callers_writes_a_bounded_number_of_lines() {
+    let (logs, _guard) = capture("info");
+    let cluster = Cluster::start().await;
+    let agent = cluster.agent(&[]).await;
+    let bad = agent.from("127.0.0.72");
+    let header = [("x-aws-ec2-metadata-token", "AAAA")];
+    for _ in 0..500 {
+        assert_eq!(bad.get(CREDS, &header).await.status, StatusCode::UNAUTHORIZED);
+    }
+    // Unknown callers wait --pod-wait each (paused time: instantly).
+    for _ in 0..200 {
+        assert_eq!(
+            agent.from("127.0.0.73").get(CREDS, &[]).await.status,
+            StatusCode::NOT_FOUND
+        );
+    }
+    let bad_lines = logs.lines_with(&["refusing IMDSv2 request"]).len();
+    let unknown_lines = logs.lines_with(&["no pod on this node has this IP"]).len();
+    // A burst of 20 per kind, then one a second (the 200 unknown callers take 100 s of paused time).
+    assert!((20..=25).contains(&bad_lines), "{bad_lines} lines for 500 bad tokens");
+    assert!(
+        (20..=130).contains(&unknown_lines),
+        "{unknown_lines} lines for 200 unknown callers"
+    );
+    let held_back = agent
+        .metric("imds_broker_imds_refusal_logs_suppressed_total", "kind=\"bad_token\"")
+        .await;
+    assert_eq!(held_back as usize, 500 - bad_lines);
+    // Every refusal is still counted.
+    assert_eq!(
+        agent
+            .metric("imds_broker_imds_requests_total", "code=\"401\",outcome=\"bad_token\"")
+            .await,
+        500.0
+    );
+}

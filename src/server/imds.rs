@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::document;
 use super::hop_limit::HopLimit;
 use super::imds_token::{self, Issuer};
+use super::refusal_log;
 use super::response::{self, Body, Failure};
 use super::route::{Iam, Route, route_target};
 use crate::credentials::Cache;
@@ -76,6 +77,16 @@ impl Metrics {
     }
 }
 
+/// Logs a refusal of `kind` (a `Failure::kind` label) unless that kind's log budget is spent; a line
+/// that gets through says how many were held back before it.
+macro_rules! refusal {
+    ($handler:ident, $kind:expr, $level:ident, $($fields:tt)*) => {
+        if let Some(suppressed) = $handler.refusal_log.admit($kind) {
+            tracing::$level!(suppressed, $($fields)*);
+        }
+    };
+}
+
 /// The IMDS request handler.
 pub struct Handler {
     /// The endpoint's settings.
@@ -88,6 +99,8 @@ pub struct Handler {
     pub imds_tokens: Issuer,
     /// Request metrics.
     pub metrics: Metrics,
+    /// The refusal log budget.
+    pub refusal_log: refusal_log::Limiter,
     /// Everything under `/latest/` that is not the credential tree.
     pub metadata: Metadata,
     /// Namespaces that require IMDSv2 whatever `--imdsv2` says.
@@ -110,7 +123,11 @@ impl Handler {
         let label = route.as_ref().map_or("other", Route::label);
         let outcome = match route {
             Ok(route) => self.answer(peer, &request, route).await,
-            Err(failure) => Err(failure),
+            Err(failure) => {
+                let kind = failure.kind();
+                refusal!(self, kind, info, %peer, kind, "refusing a malformed request");
+                Err(failure)
+            }
         };
         let (response, outcome_label) = match outcome {
             Ok(response) => (response, "ok"),
@@ -142,7 +159,7 @@ impl Handler {
             Some(token) => {
                 let token = token.to_str().map_err(|_| Failure::BadToken)?;
                 if let Err(invalid) = self.imds_tokens.verify(token, peer, now) {
-                    tracing::info!(%peer, reason = %invalid, "refusing IMDSv2 request");
+                    refusal!(self, "bad_token", info, %peer, reason = %invalid, "refusing IMDSv2 request");
                     return Err(Failure::BadToken);
                 }
                 false
@@ -157,7 +174,7 @@ impl Handler {
                 .requires_v2(&workload.namespace, Instant::now() + self.config.pod_wait)
                 .await
         {
-            tracing::info!(pod = %workload.key(), "refusing IMDSv1 request: the namespace requires IMDSv2");
+            refusal!(self, "token_required", info, pod = %workload.key(), "refusing IMDSv1 request: the namespace requires IMDSv2");
             return Err(Failure::TokenRequired);
         }
         match route {
@@ -170,7 +187,7 @@ impl Handler {
     fn token<B>(&self, peer: IpAddr, request: &Request<B>, now: u64) -> Result<Response<Body>, Failure> {
         let headers = request.headers();
         if headers.contains_key("x-forwarded-for") {
-            tracing::info!(%peer, "refusing token request that came through a proxy (X-Forwarded-For)");
+            refusal!(self, "forwarded", info, %peer, "refusing token request that came through a proxy (X-Forwarded-For)");
             return Err(Failure::Forwarded);
         }
         let ttl = headers
@@ -211,7 +228,7 @@ impl Handler {
                 document::info(&role, OffsetDateTime::now_utc()),
             )),
             Iam::RoleDocument(name) if name != role.name() => {
-                tracing::info!(pod = %workload.key(), asked = %name, role = %role, "refusing another role's document");
+                refusal!(self, "not_found", info, pod = %workload.key(), asked = %name, role = %role, "refusing another role's document");
                 Err(Failure::NotFound)
             }
             Iam::RoleDocument(_) => match self.cache.get(workload, &role).await {
@@ -231,25 +248,25 @@ impl Handler {
     async fn caller(&self, peer: IpAddr) -> Result<Arc<Workload>, Failure> {
         let deadline = Instant::now() + self.config.pod_wait;
         if !self.store.wait_whole(deadline).await || !self.namespaces.wait_synced(deadline).await {
-            tracing::info!(%peer, "refusing: the pod view is incomplete (starting, or relisting after missed events)");
+            refusal!(self, "unsynced", info, %peer, "refusing: the pod view is incomplete (starting, or relisting after missed events)");
             return Err(Failure::Unsynced);
         }
         match self.store.lookup_or_wait(peer, deadline).await {
             Lookup::Found(workload) => Ok(workload),
             Lookup::Ambiguous(pods) => {
-                tracing::warn!(%peer, ?pods, "refusing: several live pods claim this IP");
+                refusal!(self, "contested", warn, %peer, ?pods, "refusing: several live pods claim this IP");
                 Err(Failure::Contested)
             }
             Lookup::Pending => {
-                tracing::info!(%peer, "refusing: this IP belongs to a pod that cannot be running (terminated, or not seen since the node booted)");
+                refusal!(self, "contested", info, %peer, "refusing: this IP belongs to a pod that cannot be running (terminated, or not seen since the node booted)");
                 Err(Failure::Contested)
             }
             Lookup::Unknown if !self.store.view().reachable => {
-                tracing::info!(%peer, "refusing: no known pod has this IP and the API server is unreachable");
+                refusal!(self, "unsynced", info, %peer, "refusing: no known pod has this IP and the API server is unreachable");
                 Err(Failure::Unsynced)
             }
             Lookup::Unknown => {
-                tracing::info!(%peer, "refusing: no pod on this node has this IP");
+                refusal!(self, "not_found", info, %peer, "refusing: no pod on this node has this IP");
                 Err(Failure::NotFound)
             }
         }
@@ -263,7 +280,7 @@ impl Handler {
                 Err(Failure::NotFound)
             }
             Err(error) => {
-                tracing::warn!(pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
+                refusal!(self, "invalid_role", warn, pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
                 Err(Failure::InvalidRole)
             }
         }

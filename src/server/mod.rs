@@ -7,6 +7,7 @@ pub mod document;
 pub mod hop_limit;
 pub mod imds;
 pub mod imds_token;
+pub mod refusal_log;
 pub mod response;
 pub mod route;
 
