@@ -33,6 +33,7 @@ pub struct App {
     namespace_watcher: namespaces::Watcher,
     events: mpsc::Receiver<pods::Event>,
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
+    connections: server::connections::Limits,
 }
 
 /// The Kubernetes client the agent needs: kube's own retries of 429/503/504 (exponential, for minutes)
@@ -121,6 +122,10 @@ impl App {
             .clone()
             .map(|c| netfilter::Reconciler::build(c, netfilter::System, &registry))
             .transpose()?;
+        let connections = server::connections::Limits::new(
+            config.connections,
+            Some(server::connections::Metrics::register(&registry)?),
+        );
         Ok(Self {
             config,
             imds_listener,
@@ -133,6 +138,7 @@ impl App {
             namespace_watcher,
             events,
             netfilter,
+            connections,
         })
     }
 
@@ -182,6 +188,7 @@ impl App {
         let imds_task = tokio::spawn(server::serve(
             self.imds_listener,
             move |peer, request| imds.clone().handle(peer.ip(), request),
+            self.connections,
             shutdown.clone(),
             grace,
         ));
@@ -197,6 +204,8 @@ impl App {
                 let admin = admin.clone();
                 async move { admin.handle(request.uri().path()) }
             },
+            // Probes and scrapes come from the kubelet and Prometheus: a small fixed budget.
+            server::connections::Limits::new(server::connections::Config { total: 64, per_ip: 16 }, None),
             admin_shutdown.clone(),
             grace,
         ));

@@ -260,3 +260,72 @@ async fn deleting_a_service_account_takes_its_role_from_its_pods() {
     })
     .await;
 }
+
+/// A connection from `source` to the agent that sends nothing.
+async fn idle_connection(agent: &crate::support::agent::Agent, source: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(agent.imds).await.unwrap()
+}
+
+/// Whether the agent closes `stream` without answering.
+async fn closed_by_agent(mut stream: tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(3), stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_connections_than_its_share_nor_all_more_than_the_total() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", "127.0.0.46").role("app"));
+    let agent = cluster
+        .agent(&["--max-connections-per-ip", "4", "--max-connections", "8"])
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(idle_connection(&agent, "127.0.0.46").await);
+    }
+    assert!(
+        closed_by_agent(idle_connection(&agent, "127.0.0.46").await).await,
+        "a fifth from one pod"
+    );
+    // Others are unaffected.
+    assert_eq!(
+        agent.from("127.0.0.47").get(CREDS, &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(
+        agent
+            .metric("imds_broker_imds_connections_refused_total", "limit=\"per_ip\"")
+            .await
+            >= 1.0
+    );
+    // Everyone together: 4 + 4 from elsewhere fill the total.
+    for source in ["127.0.0.48", "127.0.0.48", "127.0.0.49", "127.0.0.49"] {
+        held.push(idle_connection(&agent, source).await);
+    }
+    assert!(
+        closed_by_agent(idle_connection(&agent, "127.0.0.50").await).await,
+        "past the total"
+    );
+    assert!(
+        agent
+            .metric("imds_broker_imds_connections_refused_total", "limit=\"total\"")
+            .await
+            >= 1.0
+    );
+    // A closed connection frees its slot.
+    held.truncate(3);
+    eventually("the pod is served again", || async {
+        agent.metric("imds_broker_imds_connections_open", "").await <= 3.0
+    })
+    .await;
+    assert_eq!(agent.from("127.0.0.46").get(CREDS, &[]).await.text(), "app");
+}

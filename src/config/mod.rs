@@ -129,6 +129,16 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_WATCH_IDLE_TIMEOUT", default_value = "3m", value_parser = parse_duration)]
     pub watch_idle_timeout: Duration,
 
+    /// IMDS connections open at once, at most; more are closed on accept.
+    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// IMDS connections open at once from one source address (one pod), at most.
+    #[arg(long, env = "IMDS_BROKER_MAX_CONNECTIONS_PER_IP", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -297,6 +307,8 @@ pub struct Config {
     pub credentials: credentials::Config,
     /// The list-then-watch loops.
     pub watch: watch::Config,
+    /// `--max-connections`, `--max-connections-per-ip`.
+    pub connections: server::connections::Config,
     /// The iptables capture, when `--iptables` is set.
     pub netfilter: Option<netfilter::Config>,
     /// The metadata surface besides credentials.
@@ -382,6 +394,10 @@ impl Args {
                 refresh_check_interval: self.refresh_check_interval,
                 concurrency: usize::from(self.exchange_concurrency),
                 rate: f64::from(self.exchange_rate),
+            },
+            connections: server::connections::Config {
+                total: self.max_connections as usize,
+                per_ip: self.max_connections_per_ip as usize,
             },
             watch: watch::Config {
                 idle: self.watch_idle_timeout,

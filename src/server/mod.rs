@@ -3,6 +3,7 @@
 //! become HTTP lives only in [`response`].
 
 pub mod admin;
+pub mod connections;
 pub mod document;
 pub mod hop_limit;
 pub mod imds;
@@ -35,8 +36,13 @@ pub const MAX_HEADERS: usize = 16 * 1024;
 
 /// Serves `handler` on `listener` until `shutdown`, then stops accepting and lets in-flight requests
 /// finish for at most `drain`.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, drain: Duration)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: connections::Limits,
+    shutdown: CancellationToken,
+    drain: Duration,
+) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -55,6 +61,11 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(slot) = limits.admit(peer.ip()) else {
+            // Closed before anything is read; counted by the limits.
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -75,6 +86,7 @@ where
             .serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
