@@ -11,6 +11,7 @@ use imds_broker::{netfilter, shutdown, telemetry};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    harden();
     let cli = Cli::parse();
     if let Some(command) = cli.command {
         return maintenance(command);
@@ -50,6 +51,20 @@ fn main() -> ExitCode {
             eprintln!("imds-broker: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps secrets out of core dumps and away from other processes of the same user: no core files
+/// (RLIMIT_CORE 0), and not dumpable, so neither a crash nor `ptrace` or `/proc/<pid>/mem` by another
+/// process of our user reaches cached credentials or the IMDSv2 token key. Done first, before any
+/// secret is in memory.
+fn harden() {
+    use nix::sys::resource::{Resource, setrlimit};
+    if let Err(error) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+        eprintln!("imds-broker: warning: cannot turn core dumps off: {error}");
+    }
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("imds-broker: warning: cannot mark the process non-dumpable: {error}");
     }
 }
 

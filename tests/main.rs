@@ -14,6 +14,7 @@ mod faults;
 mod logging;
 mod metadata;
 mod moto;
+mod process;
 mod refusals;
 mod serving;
 mod views;

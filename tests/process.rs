@@ -1,0 +1,112 @@
+//! The agent as a process: what the kernel knows of it. Its memory holds credentials and the IMDSv2
+//! token key, so it writes no core file and is not dumpable (no `ptrace`, no `/proc/<pid>/mem` for
+//! other processes of its user).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::Cluster;
+use crate::support::client::poll;
+
+const NOBODY: u32 = 65534;
+
+/// The agent binary against the doubles, as `NOBODY` through `setpriv` when `as_nobody`.
+struct Agent {
+    child: Child,
+    kubeconfig: PathBuf,
+}
+
+impl Agent {
+    fn spawn(cluster: &Cluster, as_nobody: bool) -> Self {
+        let kubeconfig = std::env::temp_dir().join(format!("imds-broker-process-{}.yaml", std::process::id()));
+        std::fs::write(&kubeconfig, cluster.kube.kubeconfig_yaml()).unwrap();
+        let binary = env!("CARGO_BIN_EXE_imds-broker");
+        let mut command = if as_nobody {
+            let mut setpriv = Command::new("setpriv");
+            setpriv.args([
+                format!("--reuid={NOBODY}"),
+                format!("--regid={NOBODY}"),
+                "--clear-groups".to_owned(),
+                "--".to_owned(),
+                binary.to_owned(),
+            ]);
+            setpriv
+        } else {
+            Command::new(binary)
+        };
+        command
+            .args(["--node-name", "node-1", "--region", "us-east-1", "--sts-endpoint"])
+            .arg(cluster.sts.url())
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().expect("start the agent binary");
+        Self { child, kubeconfig }
+    }
+
+    fn proc(&self, file: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/{file}", self.child.id()))
+    }
+
+    /// Whether the process runs the agent's code yet (`setpriv` execs it under the same pid).
+    fn is_the_agent(&self) -> bool {
+        std::fs::read_link(self.proc("exe")).is_ok_and(|p| p.to_string_lossy().ends_with("imds-broker"))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+#[tokio::test]
+async fn the_agent_writes_no_core_file() {
+    let cluster = Cluster::start().await;
+    let agent = Agent::spawn(&cluster, false);
+    let limited = poll(Duration::from_secs(10), Duration::from_millis(20), || async {
+        let limits = std::fs::read_to_string(agent.proc("limits")).unwrap_or_default();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap_or_default();
+        // "Max core file size  <soft>  <hard>  bytes"
+        agent.is_the_agent() && core.split_whitespace().skip(4).take(2).eq(["0", "0"])
+    })
+    .await;
+    assert!(
+        limited,
+        "core dumps are not off: {:?}",
+        std::fs::read_to_string(agent.proc("limits"))
+    );
+}
+
+#[tokio::test]
+async fn the_agent_is_not_dumpable_even_by_its_own_user() {
+    // Starting it as another user takes root; the README's test command runs as root.
+    assert!(
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0),
+        "run as root (sudo ./tests/run.sh): this test starts the agent as nobody"
+    );
+    let cluster = Cluster::start().await;
+    let agent = Agent::spawn(&cluster, true);
+    // A dumpable process of nobody owns its /proc files; the kernel gives a non-dumpable one's to root.
+    let hidden = poll(Duration::from_secs(10), Duration::from_millis(20), || async {
+        let status = std::fs::read_to_string(agent.proc("status")).unwrap_or_default();
+        let as_nobody = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .is_some_and(|l| l.split_whitespace().nth(1) == Some(&NOBODY.to_string()));
+        let owner = std::fs::metadata(agent.proc("status")).map(|m| (m.uid(), m.gid())).ok();
+        agent.is_the_agent() && as_nobody && owner == Some((0, 0))
+    })
+    .await;
+    assert!(hidden, "the agent is dumpable");
+}
