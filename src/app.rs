@@ -18,7 +18,7 @@ use crate::pods::Store;
 use crate::server::admin;
 use crate::server::imds;
 use crate::server::imds_token::Issuer;
-use crate::{credentials, namespaces, netfilter, pods, sa_token, server, sts, watch};
+use crate::{credentials, namespaces, netfilter, node_taint, pods, sa_token, server, sts, watch};
 
 /// A built, not yet running agent.
 pub struct App {
@@ -34,6 +34,7 @@ pub struct App {
     events: mpsc::Receiver<pods::Event>,
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
     connections: server::connections::Limits,
+    startup_taint: Option<node_taint::Remover>,
 }
 
 /// The Kubernetes client the agent needs: kube's own retries of 429/503/504 (exponential, for minutes)
@@ -126,6 +127,11 @@ impl App {
             config.connections,
             Some(server::connections::Metrics::register(&registry)?),
         );
+        let startup_taint = config.startup_taint.clone().map(|key| node_taint::Remover {
+            client: client.clone(),
+            node_name: config.node_name.clone(),
+            key,
+        });
         Ok(Self {
             config,
             imds_listener,
@@ -139,6 +145,7 @@ impl App {
             events,
             netfilter,
             connections,
+            startup_taint,
         })
     }
 
@@ -184,6 +191,11 @@ impl App {
             tokio::spawn(n.run(installed_tx, background.clone()))
         });
 
+        // The startup taint comes off once everything /readyz waits for is in place.
+        let taint_task = self
+            .startup_taint
+            .map(|remover| tokio::spawn(remover.run(ready.clone(), background.clone())));
+
         let imds = self.imds.clone();
         let imds_task = tokio::spawn(server::serve(
             self.imds_listener,
@@ -221,6 +233,9 @@ impl App {
         cache_task.await.context("credential cache task")?;
         if let Some(task) = netfilter_task {
             task.await.context("iptables reconcile task")?;
+        }
+        if let Some(task) = taint_task {
+            task.await.context("startup taint task")?;
         }
         tracing::info!("imds-broker stopped");
         Ok(())

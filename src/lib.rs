@@ -26,6 +26,7 @@
 //! - [`namespaces`]: which namespaces require IMDSv2 (a Namespace annotation);
 //! - [`watch`]: the list-then-watch loop under both watchers (410, idle watches, capped retries);
 //! - [`netfilter`]: the iptables rules that bring pods' metadata traffic to this agent;
+//! - [`node_taint`]: takes the node's startup taint off once the agent is ready;
 //! - [`workload`]: the shared vocabulary.
 #![forbid(unsafe_code)]
 
@@ -36,6 +37,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod namespaces;
 pub mod netfilter;
+pub mod node_taint;
 pub mod pods;
 pub mod roles;
 pub mod sa_token;

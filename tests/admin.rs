@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use crate::support::Cluster;
-use crate::support::agent::send;
+use crate::support::agent::{NODE, send};
 use crate::support::fixtures::{pod, role};
 
 #[tokio::test]
@@ -72,4 +72,37 @@ fn the_readme_documents_every_flag_and_its_environment_variable() {
             );
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_startup_taint_comes_off_the_agents_own_node_once_it_is_ready_and_nothing_else_does() {
+    let cluster = Cluster::start().await;
+    let taint = "imds-broker.io/agent-not-ready";
+    cluster.kube.upsert_node(
+        NODE,
+        &[("node.kubernetes.io/not-ready", "NoSchedule"), (taint, "NoSchedule")],
+    );
+    cluster.kube.upsert_node("node-2", &[(taint, "NoSchedule")]);
+    // Slow lists: the agent is not ready for a while, and the taint must stay until it is.
+    cluster
+        .kube
+        .set_list_delay(crate::support::kube::Kind::Pod, std::time::Duration::from_secs(20));
+    let agent = cluster.agent_unready(&["--startup-taint", taint]).await;
+    tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+    assert!(!agent.is_ready().await);
+    assert_eq!(
+        cluster.kube.node_taints(NODE).unwrap(),
+        vec!["node.kubernetes.io/not-ready", taint],
+        "removed before the agent was ready"
+    );
+    agent.wait_ready().await;
+    crate::support::agent::eventually("the taint is removed", || async {
+        cluster.kube.node_taints(NODE).unwrap() == vec!["node.kubernetes.io/not-ready"]
+    })
+    .await;
+    assert_eq!(
+        cluster.kube.node_taints("node-2").unwrap(),
+        vec![taint],
+        "another node's taint"
+    );
 }

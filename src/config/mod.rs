@@ -139,6 +139,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_ip: u32,
 
+    /// A taint key the node registers with (kubelet --register-with-taints) to keep workloads off until
+    /// the agent serves; the agent removes it from its own Node once ready. Unset: no taint is touched.
+    #[arg(long, env = "IMDS_BROKER_STARTUP_TAINT")]
+    pub startup_taint: Option<String>,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -307,6 +312,8 @@ pub struct Config {
     pub credentials: credentials::Config,
     /// The list-then-watch loops.
     pub watch: watch::Config,
+    /// `--startup-taint`.
+    pub startup_taint: Option<String>,
     /// `--max-connections`, `--max-connections-per-ip`.
     pub connections: server::connections::Config,
     /// The iptables capture, when `--iptables` is set.
@@ -395,6 +402,7 @@ impl Args {
                 concurrency: usize::from(self.exchange_concurrency),
                 rate: f64::from(self.exchange_rate),
             },
+            startup_taint: self.startup_taint.clone().filter(|k| !k.trim().is_empty()),
             connections: server::connections::Config {
                 total: self.max_connections as usize,
                 per_ip: self.max_connections_per_ip as usize,

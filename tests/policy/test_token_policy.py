@@ -21,225 +21,36 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import celpy
 import pytest
-import yaml
+import celpy
 from celpy import celtypes
+
+from admission import EvalError, Policy, compile_expression, documents, only, run
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY_FILE = ROOT / "deploy" / "token-policy.yaml"
 RBAC_FILE = ROOT / "deploy" / "rbac.yaml"
 
-ENV = celpy.Environment()
-
-
-def documents(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def only(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d.get("kind") == kind]
-    assert len(found) == 1, f"{POLICY_FILE.name} must hold exactly one {kind}, found {len(found)}"
-    return found[0]
-
-
-DOCS = documents(POLICY_FILE)
-POLICY = only(DOCS, "ValidatingAdmissionPolicy")
-BINDING = only(DOCS, "ValidatingAdmissionPolicyBinding")
-POLICY_NAME = POLICY["metadata"]["name"]
-SPEC = POLICY["spec"]
+P = Policy(POLICY_FILE)
+POLICY = P.policy
+BINDING = P.binding
+POLICY_NAME = P.name
+SPEC = P.spec
+MATCH_CONDITIONS = P.match_conditions
+VARIABLES = P.variables
+VALIDATIONS = P.validations
+decide = P.decide
+every_expression = P.every_expression
 
 
 def agent_username() -> str:
-    sa = only(documents(RBAC_FILE), "ServiceAccount")
+    sa = only(documents(RBAC_FILE), "ServiceAccount", RBAC_FILE.name)
     return f"system:serviceaccount:{sa['metadata']['namespace']}:{sa['metadata']['name']}"
 
 
 AGENT = agent_username()
-
-
-# --- the expressions ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Expression:
-    where: str  # e.g. "validations[0].expression"
-    source: str
-    program: celpy.Runner
-
-
-def compile_expression(where: str, source: str) -> Expression:
-    """Compiles one expression; a parse error is raised, never swallowed."""
-    assert isinstance(source, str) and source.strip(), f"{where} is empty"
-    ast = ENV.compile(source)
-    return Expression(where, source, ENV.program(ast))
-
-
-def every_expression() -> list[tuple[str, str]]:
-    out = []
-    for i, c in enumerate(SPEC.get("matchConditions", [])):
-        out.append((f"matchConditions[{i}] ({c['name']})", c["expression"]))
-    for i, v in enumerate(SPEC.get("variables", [])):
-        out.append((f"variables[{i}] ({v['name']})", v["expression"]))
-    for i, v in enumerate(SPEC.get("validations", [])):
-        out.append((f"validations[{i}].expression", v["expression"]))
-        if "messageExpression" in v:
-            out.append((f"validations[{i}].messageExpression", v["messageExpression"]))
-    for i, a in enumerate(SPEC.get("auditAnnotations", [])):
-        out.append((f"auditAnnotations[{i}].valueExpression", a["valueExpression"]))
-    return out
-
-
-# Compiled at import: a broken expression makes collection fail, so the run fails (it is not a skip).
-MATCH_CONDITIONS = [
-    (c["name"], compile_expression(f"matchConditions ({c['name']})", c["expression"]))
-    for c in SPEC.get("matchConditions", [])
-]
-VARIABLES = [
-    (v["name"], compile_expression(f"variables ({v['name']})", v["expression"]))
-    for v in SPEC.get("variables", [])
-]
-VALIDATIONS = [
-    (
-        v,
-        compile_expression(f"validations[{i}].expression", v["expression"]),
-        compile_expression(f"validations[{i}].messageExpression", v["messageExpression"])
-        if "messageExpression" in v
-        else None,
-    )
-    for i, v in enumerate(SPEC.get("validations", []))
-]
-
-
-class EvalError(Exception):
-    pass
-
-
-def run(expr: Expression, activation: dict):
-    try:
-        result = expr.program.evaluate(activation)
-    except celpy.CELEvalError as e:
-        raise EvalError(f"{expr.where}: {e.args[0] if e.args else e}") from e
-    if isinstance(result, celpy.CELEvalError):
-        raise EvalError(f"{expr.where}: {result.args[0] if result.args else result}")
-    return result
-
-
-# --- the admission decision --------------------------------------------------------------------------
-
-
-@dataclass
-class Decision:
-    admitted: bool
-    # "not-matched", "admitted", "denied" (a validation was false) or "error" (evaluation failed)
-    how: str
-    message: str = ""
-    validation: dict | None = None
-
-
-def rule_matches(rule: dict, request: dict) -> bool:
-    """A RuleWithOperations of matchConstraints.resourceRules against the request (`*` is any group,
-    version or operation; in resources `*` is every resource but no subresource, `*/*` everything,
-    `pods/*` every subresource of pods, `*/scale` that subresource of every resource)."""
-    res = request["resource"]
-    sub = request.get("subResource", "")
-
-    def has(values, value):
-        return "*" in values or value in values
-
-    def resource_ok(pattern: str) -> bool:
-        base, _, subres = pattern.partition("/")
-        if base not in ("*", res["resource"]):
-            return False
-        if not subres:
-            return not sub
-        return subres == "*" or subres == sub
-
-    return (
-        has(rule.get("apiGroups", []), res["group"])
-        and has(rule.get("apiVersions", []), res["version"])
-        and has(rule.get("operations", []), request["operation"])
-        and any(resource_ok(r) for r in rule.get("resources", []))
-    )
-
-
-def deny(how: str, message: str, validation: dict | None = None) -> Decision:
-    text = (
-        f"ValidatingAdmissionPolicy '{POLICY_NAME}' with binding '{BINDING['metadata']['name']}' "
-        f"denied request: {message}"
-    )
-    if "Deny" not in BINDING["spec"]["validationActions"]:
-        return Decision(True, how + "-not-enforced", text, validation)
-    return Decision(False, how, text, validation)
-
-
-def on_error(message: str) -> Decision:
-    if SPEC.get("failurePolicy", "Fail") == "Ignore":
-        return Decision(True, "error-ignored", message)
-    return deny("error", message)
-
-
-def decide(request: dict) -> Decision:
-    rules = SPEC["matchConstraints"]["resourceRules"]
-    if not any(rule_matches(r, request) for r in rules):
-        return Decision(True, "not-matched")
-    activation = {
-        "object": celpy.json_to_cel(request.get("object")),
-        "oldObject": celpy.json_to_cel(request.get("oldObject")),
-        "request": celpy.json_to_cel(request),
-    }
-
-    # matchConditions: any false wins over errors; an error with none false goes to failurePolicy.
-    errors = []
-    for name, expr in MATCH_CONDITIONS:
-        try:
-            value = run(expr, activation)
-        except EvalError as e:
-            errors.append(str(e))
-            continue
-        if not isinstance(value, celtypes.BoolType):
-            errors.append(f"matchCondition {name} returned {type(value).__name__}, not a bool")
-        elif not value:
-            return Decision(True, "not-matched")
-    if errors:
-        return on_error("; ".join(errors))
-
-    # variables, each able to use the ones before it (the API server evaluates them lazily; these are
-    # constants, so evaluating them up front decides the same).
-    variables = celtypes.MapType({})
-    for name, expr in VARIABLES:
-        try:
-            variables[celtypes.StringType(name)] = run(expr, {**activation, "variables": variables})
-        except EvalError as e:
-            return on_error(str(e))
-    with_vars = {**activation, "variables": variables}
-
-    for validation, expr, message_expr in VALIDATIONS:
-        try:
-            value = run(expr, with_vars)
-        except EvalError as e:
-            return on_error(str(e))
-        if not isinstance(value, celtypes.BoolType):
-            return on_error(f"{expr.where} returned {type(value).__name__}, not a bool")
-        if value:
-            continue
-        message = ""
-        if message_expr is not None:
-            try:
-                m = run(message_expr, with_vars)
-                if isinstance(m, celtypes.StringType) and "\n" not in m:
-                    message = str(m).strip()
-            except EvalError:
-                pass  # the API server falls back to `message`
-        if not message:
-            message = validation.get("message", "").strip()
-        if not message:
-            message = f"failed expression: {validation['expression'].strip()}"
-        return deny("denied", message, validation)
-    return Decision(True, "admitted")
 
 
 # --- fixtures ----------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ pub enum Kind {
     ServiceAccount,
     /// `namespaces` (cluster-scoped)
     Namespace,
+    /// `nodes` (cluster-scoped)
+    Node,
 }
 
 impl Kind {
@@ -78,6 +80,7 @@ impl Kind {
             "pods" => Some(Kind::Pod),
             "serviceaccounts" => Some(Kind::ServiceAccount),
             "namespaces" => Some(Kind::Namespace),
+            "nodes" => Some(Kind::Node),
             _ => None,
         }
     }
@@ -88,6 +91,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::ServiceAccount => "serviceaccounts",
             Kind::Namespace => "namespaces",
+            Kind::Node => "nodes",
         }
     }
 
@@ -97,6 +101,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::ServiceAccount => "ServiceAccount",
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
         }
     }
 
@@ -105,6 +110,7 @@ impl Kind {
             Kind::Pod => "PodList",
             Kind::ServiceAccount => "ServiceAccountList",
             Kind::Namespace => "NamespaceList",
+            Kind::Node => "NodeList",
         }
     }
 
@@ -125,6 +131,7 @@ impl Kind {
             ],
             Kind::ServiceAccount => &["metadata.name", "metadata.namespace"],
             Kind::Namespace => &["metadata.name", "status.phase"],
+            Kind::Node => &["metadata.name", "spec.unschedulable"],
         }
     }
 }
@@ -360,6 +367,34 @@ impl FakeKube {
         self.upsert(
             Kind::Namespace,
             json!({ "metadata": { "name": name, "namespace": "", "annotations": annotations } }),
+        )
+    }
+
+    /// Creates or replaces a Node with these taints (`(key, effect)`), stored as the API server would.
+    pub fn upsert_node(&self, name: &str, taints: &[(&str, &str)]) -> Value {
+        let taints: Vec<Value> = taints.iter().map(|(k, e)| json!({ "key": k, "effect": e })).collect();
+        self.upsert(
+            Kind::Node,
+            json!({
+                "metadata": { "name": name, "namespace": "", "labels": { "kubernetes.io/hostname": name } },
+                "spec": { "taints": taints, "podCIDR": "10.244.1.0/24" },
+            }),
+        )
+    }
+
+    /// The keys of a Node's taints, in order (`None`: no such Node).
+    pub fn node_taints(&self, name: &str) -> Option<Vec<String>> {
+        let node = self.get(Kind::Node, "", name)?;
+        Some(
+            node["spec"]["taints"]
+                .as_array()
+                .map(|taints| {
+                    taints
+                        .iter()
+                        .filter_map(|t| t["key"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
         )
     }
 
@@ -1303,6 +1338,7 @@ async fn route(
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
             item(shared, method, kind, ns, name, body)
         }
+        (_, ["api", "v1", "nodes", name]) => item(shared, method, Kind::Node, "", name, body),
         (_, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
             status_subresource(shared, method, ns, name, body)
         }
