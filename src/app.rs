@@ -185,6 +185,12 @@ impl App {
         // Readiness also follows the view: not ready while pods, service accounts or namespaces are
         // being relisted after missed events.
         let mut ready = vec![ready, self.store.whole(), self.imds.namespaces.synced()];
+        // Split DaemonSet: the capture container vouches for the rules in a file; follow it.
+        let status_task = self.config.capture_status_file.clone().map(|path| {
+            let (holds_tx, holds) = tokio::sync::watch::channel(false);
+            ready.push(holds);
+            tokio::spawn(netfilter::status::follow(path, holds_tx, background.clone()))
+        });
         let netfilter_task = self.netfilter.map(|n| {
             let (installed_tx, installed) = tokio::sync::watch::channel(false);
             ready.push(installed);
@@ -233,6 +239,9 @@ impl App {
         cache_task.await.context("credential cache task")?;
         if let Some(task) = netfilter_task {
             task.await.context("iptables reconcile task")?;
+        }
+        if let Some(task) = status_task {
+            task.await.context("capture status task")?;
         }
         if let Some(task) = taint_task {
             task.await.context("startup taint task")?;

@@ -54,6 +54,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// `iptables reconcile`: keeps the capture in place and vouches for it until a signal; the rules stay
+/// when it stops (pods fail closed), only the vouching is withdrawn.
+fn reconcile(args: &imds_broker::config::ReconcileArgs) -> ExitCode {
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("imds-broker: invalid configuration: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(error) = telemetry::init(telemetry::LogFormat::Text, "info") {
+        eprintln!("imds-broker: cannot start logging: {error}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("imds-broker: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = shutdown::on_signals()?;
+        let registry = prometheus::Registry::new();
+        let valid_for = config.reconcile_interval * 3;
+        let reconciler = netfilter::Reconciler::build(config, netfilter::System, &registry)?;
+        let (installed_tx, installed) = tokio::sync::watch::channel(false);
+        tokio::join!(
+            reconciler.run(installed_tx, shutdown.clone()),
+            netfilter::status::vouch(installed, args.status_file.clone(), valid_for, shutdown.clone()),
+        );
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("imds-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Keeps secrets out of core dumps and away from other processes of the same user: no core files
 /// (RLIMIT_CORE 0), and not dumpable, so neither a crash nor `ptrace` or `/proc/<pid>/mem` by another
 /// process of our user reaches cached credentials or the IMDSv2 token key. Done first, before any
@@ -71,6 +113,9 @@ fn harden() {
 /// Runs a maintenance command.
 fn maintenance(command: Command) -> ExitCode {
     match command {
+        Command::Iptables {
+            action: IptablesAction::Reconcile(args),
+        } => reconcile(&args),
         Command::Iptables {
             action: IptablesAction::Uninstall,
         } => match netfilter::uninstall(&netfilter::System) {

@@ -106,3 +106,31 @@ async fn the_startup_taint_comes_off_the_agents_own_node_once_it_is_ready_and_no
         "another node's taint"
     );
 }
+
+#[tokio::test]
+async fn a_server_that_does_not_manage_iptables_is_ready_only_while_the_capture_container_vouches() {
+    let cluster = Cluster::start().await;
+    let status = std::env::temp_dir().join(format!("imds-broker-capture-{}-{}", std::process::id(), line!()));
+    let _ = std::fs::remove_file(&status);
+    let agent = cluster
+        .agent_unready(&["--capture-status-file", status.to_str().unwrap()])
+        .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(!agent.is_ready().await, "ready without the capture container's word");
+    let unix = |d: u64| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + d
+    };
+    imds_broker::netfilter::status::write(&status, unix(90)).unwrap();
+    agent.wait_ready().await;
+    // Withdrawn (the capture container stopped, or a pass failed): not ready again.
+    imds_broker::netfilter::status::write(&status, 0).unwrap();
+    crate::support::agent::eventually("not ready once the vouching is withdrawn", || async {
+        !agent.is_ready().await
+    })
+    .await;
+    let _ = std::fs::remove_file(&status);
+}

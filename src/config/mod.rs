@@ -39,10 +39,54 @@ pub enum Command {
 }
 
 /// What to do with the iptables rules.
-#[derive(Debug, Clone, Copy, clap::Subcommand)]
+#[derive(Debug, clap::Subcommand)]
 pub enum IptablesAction {
     /// Remove every rule and chain the agent installed (IPv4 and IPv6).
     Uninstall,
+    /// Install the capture and keep it in place until SIGTERM, vouching for it in a status file the
+    /// server's readiness follows: the privileged half of a split DaemonSet.
+    Reconcile(ReconcileArgs),
+}
+
+/// The capture's flags, shared by the agent (`--iptables`) and `iptables reconcile`.
+#[derive(Debug, clap::Args)]
+pub struct CaptureArgs {
+    /// Interfaces whose metadata traffic is captured, as iptables patterns: cali+, eni+, veth+, cni0, or
+    /// !eth0 to exclude one (comma-separated or repeated).
+    #[arg(long, env = "IMDS_BROKER_HOST_INTERFACE", value_delimiter = ',')]
+    pub host_interface: Vec<String>,
+
+    /// The node's addresses, where captured traffic is sent (the downward API's status.hostIP, or
+    /// status.hostIPs for dual stack; at most one per family; an IPv6 one adds the fd00:ec2::254 rules).
+    #[arg(long, env = "NODE_IP", value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
+
+    /// How often the iptables rules are checked and put back if deleted or moved.
+    #[arg(long, env = "IMDS_BROKER_IPTABLES_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub iptables_reconcile_interval: Duration,
+}
+
+/// Flags of `imds-broker iptables reconcile`.
+#[derive(Debug, clap::Args)]
+pub struct ReconcileArgs {
+    /// The capture's interfaces, node addresses and reconcile interval.
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+
+    /// The IMDS endpoint's address, as the server's --listen: its port is where captured traffic goes.
+    #[arg(long, env = "IMDS_BROKER_LISTEN", default_value = "0.0.0.0:8181")]
+    pub listen: SocketAddr,
+
+    /// Where to vouch for the capture (a file on a volume shared with the server's container).
+    #[arg(long, env = "IMDS_BROKER_CAPTURE_STATUS_FILE")]
+    pub status_file: std::path::PathBuf,
+}
+
+impl ReconcileArgs {
+    /// Validates the flags into the capture's settings.
+    pub fn config(&self) -> Result<netfilter::Config, Error> {
+        self.capture.config(self.listen.port())
+    }
 }
 
 /// Flags of the agent itself.
@@ -153,19 +197,15 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_IPTABLES")]
     pub iptables: bool,
 
-    /// Interfaces whose metadata traffic is captured, as iptables patterns: cali+, eni+, veth+, cni0, or
-    /// !eth0 to exclude one (comma-separated or repeated).
-    #[arg(long, env = "IMDS_BROKER_HOST_INTERFACE", value_delimiter = ',')]
-    pub host_interface: Vec<String>,
+    /// The capture's interfaces, node addresses and reconcile interval.
+    #[command(flatten)]
+    pub capture: CaptureArgs,
 
-    /// The node's addresses, where captured traffic is sent (the downward API's status.hostIP, or
-    /// status.hostIPs for dual stack; at most one per family; an IPv6 one adds the fd00:ec2::254 rules).
-    #[arg(long, env = "NODE_IP", value_delimiter = ',')]
-    pub node_ip: Vec<IpAddr>,
-
-    /// How often the iptables rules are checked and put back if deleted or moved.
-    #[arg(long, env = "IMDS_BROKER_IPTABLES_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    pub iptables_reconcile_interval: Duration,
+    /// Readiness follows this file, written by the capture container (`imds-broker iptables
+    /// reconcile --status-file`) while the capture rules are in place: for a server that does not
+    /// manage iptables itself (and so holds no privilege).
+    #[arg(long, env = "IMDS_BROKER_CAPTURE_STATUS_FILE")]
+    pub capture_status_file: Option<std::path::PathBuf>,
 
     /// Log format.
     #[arg(long, env = "IMDS_BROKER_LOG_FORMAT", value_enum, default_value = "text")]
@@ -314,6 +354,8 @@ pub struct Config {
     pub watch: watch::Config,
     /// `--startup-taint`.
     pub startup_taint: Option<String>,
+    /// `--capture-status-file`.
+    pub capture_status_file: Option<std::path::PathBuf>,
     /// `--max-connections`, `--max-connections-per-ip`.
     pub connections: server::connections::Config,
     /// The iptables capture, when `--iptables` is set.
@@ -373,7 +415,10 @@ impl Args {
         if self.watch_idle_timeout < Duration::from_secs(10) {
             return Err(Error::WatchIdle(self.watch_idle_timeout));
         }
-        let netfilter = self.iptables.then(|| self.netfilter()).transpose()?;
+        let netfilter = self
+            .iptables
+            .then(|| self.capture.config(self.listen.port()))
+            .transpose()?;
         let metadata = self.metadata(&node_name, &region)?;
         Ok(Config {
             node_name,
@@ -403,6 +448,7 @@ impl Args {
                 rate: f64::from(self.exchange_rate),
             },
             startup_taint: self.startup_taint.clone().filter(|k| !k.trim().is_empty()),
+            capture_status_file: self.capture_status_file.clone(),
             connections: server::connections::Config {
                 total: self.max_connections as usize,
                 per_ip: self.max_connections_per_ip as usize,
@@ -449,8 +495,11 @@ impl Args {
             node_name: node_name.to_owned(),
         })
     }
+}
 
-    fn netfilter(&self) -> Result<netfilter::Config, Error> {
+impl CaptureArgs {
+    /// Validates the capture flags for an endpoint listening on `port`.
+    pub fn config(&self, port: u16) -> Result<netfilter::Config, Error> {
         let interfaces = self
             .host_interface
             .iter()
@@ -486,7 +535,7 @@ impl Args {
         Ok(netfilter::Config {
             interfaces,
             node_ips: self.node_ip.clone(),
-            port: self.listen.port(),
+            port,
             reconcile_interval: self.iptables_reconcile_interval,
         })
     }

@@ -24,6 +24,7 @@
 mod fake;
 pub mod reconcile;
 pub mod rules;
+pub mod status;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
