@@ -24,7 +24,8 @@ async fn a_fetch_outlives_the_clients_that_hung_up_and_every_later_request_joins
     cluster.sts.set_latency(Duration::from_secs(3));
     // Pending: served but not prefetched, so the first request starts the exchange.
     cluster.add_pod(&pod("p", "127.0.8.1").role("app").phase("Pending"));
-    let agent = cluster.agent(&[]).await;
+    // 500 connections at once from one pod: above the default per-address cap, which is not tested here.
+    let agent = cluster.agent(&["--max-connections-per-ip", "1000"]).await;
     let caller = agent.from("127.0.8.1");
     let impatient = (0..500).map(|_| async move {
         tokio::time::timeout(Duration::from_millis(100), caller.get(&format!("{CREDS}app"), &[]))
