@@ -142,7 +142,8 @@ fn ensure_family<B: Backend + ?Sized>(backend: &B, wanted: &Rules) -> Result<Out
     if outcome == Outcome::Changed {
         // NAT is decided on a connection's first packet only: a connection a pod opened to the real IMDS
         // before the capture existed, or that someone else's tampering let through, keeps going there
-        // until its conntrack entry is gone. Flushed after every change, install or repair.
+        // until its conntrack entry is gone. Flushed after every change, install or repair; only the
+        // entries that were not DNATed (see `conntrack_flush`).
         flush_conntrack(backend, wanted.family);
     }
     Ok(outcome)
@@ -227,7 +228,10 @@ mod tests {
         assert_eq!(mutations.len(), 3, "{mutations:#?}");
         assert!(mutations[0].starts_with("iptables-restore *nat | :IMDS-BROKER - [0:0] | -A IMDS-BROKER"));
         assert!(mutations[1].starts_with("iptables-restore *filter | :IMDS-BROKER - [0:0] | -A IMDS-BROKER"));
-        assert_eq!(mutations[2], "conntrack -D -f ipv4 -d 169.254.169.254");
+        assert_eq!(
+            mutations[2],
+            "conntrack -D -f ipv4 -d 169.254.169.254 --reply-src 169.254.169.254"
+        );
         let prerouting = fake.chain("iptables", "PREROUTING").unwrap();
         assert!(jumps_to_us(&prerouting[0]));
         assert_eq!(prerouting[1], other_rule());
@@ -289,7 +293,10 @@ mod tests {
             let mutations = reconciler.backend.mutations();
             assert_only_transactions(&mutations);
             assert_eq!(mutations.len(), 2, "{what}: {mutations:#?}");
-            assert_eq!(mutations[1], "conntrack -D -f ipv4 -d 169.254.169.254", "{what}");
+            assert_eq!(
+                mutations[1], "conntrack -D -f ipv4 -d 169.254.169.254 --reply-src 169.254.169.254",
+                "{what}"
+            );
             let prerouting = reconciler.backend.chain("iptables", "PREROUTING").unwrap();
             assert_eq!(prerouting.iter().filter(|r| jumps_to_us(r)).count(), 1, "{what}");
             assert!(jumps_to_us(&prerouting[0]), "{what}");
@@ -311,7 +318,10 @@ mod tests {
         let mutations = reconciler.backend.mutations();
         assert_only_transactions(&mutations);
         assert!(mutations[0].starts_with("ip6tables-restore *filter"), "{mutations:#?}");
-        assert_eq!(mutations[1], "conntrack -D -f ipv6 -d fd00:ec2::254");
+        assert_eq!(
+            mutations[1],
+            "conntrack -D -f ipv6 -d fd00:ec2::254 --reply-src fd00:ec2::254"
+        );
         let input = reconciler
             .backend
             .chain_in("ip6tables", Table::Filter, "INPUT")
