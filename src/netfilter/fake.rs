@@ -1,54 +1,70 @@
-//! Test support for this component: an in-memory `nat` table per program behind the [`Backend`] trait,
-//! and the fixtures the tests of `netfilter` share.
+//! Test support for this component: an in-memory `nat` and `filter` table per program behind the
+//! [`Backend`] trait, and the fixtures the tests of `netfilter` share.
 //!
-//! Compiled for tests only. It understands exactly the commands this component sends and checks that
-//! each waits for the xtables lock on the `nat` table; it does not model iptables' matching or its
-//! printed form beyond the quoting `iptables -S` applies.
+//! Compiled for tests only. It understands exactly the commands and restore payloads this component
+//! sends and checks that each command waits for the xtables lock and names its table; a restore applies
+//! to a copy of the table that replaces the original only if every line succeeded, as the kernel's
+//! commit does. It does not model iptables' matching or its printed form beyond the quoting
+//! `iptables -S` applies.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::rules::strings;
-use super::{Backend, Config, Error, Interface, Program, nat};
+use super::rules::{LOCK_WAIT_SECONDS, split_rule, strings};
+use super::{Backend, Config, Error, Family, Interface, Program, Table};
 
-/// Chains of one `nat` table, by name.
-type Table = BTreeMap<String, Vec<Vec<String>>>;
+/// Chains of one table, by name.
+type Chains = BTreeMap<String, Vec<Vec<String>>>;
 
-/// An in-memory `nat` table per program that understands the commands this component sends.
+/// In-memory tables per program that understand the commands this component sends.
 #[derive(Default)]
 pub(super) struct Fake {
-    /// Each program's table.
-    pub(super) tables: Mutex<BTreeMap<&'static str, Table>>,
-    /// Every command run, as `program args…`.
+    /// Each program's tables.
+    pub(super) tables: Mutex<BTreeMap<(&'static str, Table), Chains>>,
+    /// Every command run, as `program args…`; a restore as `<program>-restore <payload>`.
     pub(super) log: Mutex<Vec<String>>,
     /// Whether `ip6tables` is missing, as on a node without IPv6 tooling.
     pub(super) no_ip6tables: bool,
+    /// Whether every restore fails, as on a lock timeout.
+    pub(super) restore_fails: bool,
 }
 
 impl Fake {
-    /// Both families' tables, each with an empty `PREROUTING`.
+    /// Both families' tables, each with an empty hook chain.
     pub(super) fn new() -> Self {
         let fake = Self::default();
         for program in ["iptables", "ip6tables"] {
-            let mut table = BTreeMap::new();
-            table.insert("PREROUTING".to_owned(), Vec::new());
-            fake.tables.lock().unwrap().insert(program, table);
+            for table in Table::ALL {
+                let mut chains = BTreeMap::new();
+                chains.insert(table.hook().to_owned(), Vec::new());
+                fake.tables.lock().unwrap().insert((program, table), chains);
+            }
         }
         fake
     }
 
-    /// The rules of `chain` in `program`'s table, if it exists.
+    /// The rules of `chain` in `program`'s `nat` table, if it exists.
     pub(super) fn chain(&self, program: &'static str, chain: &str) -> Option<Vec<Vec<String>>> {
-        self.tables.lock().unwrap()[program].get(chain).cloned()
+        self.chain_in(program, Table::Nat, chain)
     }
 
-    /// Replaces (or creates) `chain` in `program`'s table, as another writer would.
+    /// The rules of `chain` in `program`'s `table`, if it exists.
+    pub(super) fn chain_in(&self, program: &'static str, table: Table, chain: &str) -> Option<Vec<Vec<String>>> {
+        self.tables.lock().unwrap()[&(program, table)].get(chain).cloned()
+    }
+
+    /// Replaces (or creates) `chain` in `program`'s `nat` table, as another writer would.
     pub(super) fn set_chain(&self, program: &'static str, chain: &str, rules: Vec<Vec<String>>) {
+        self.set_chain_in(program, Table::Nat, chain, rules);
+    }
+
+    /// Replaces (or creates) `chain` in `program`'s `table`, as another writer would.
+    pub(super) fn set_chain_in(&self, program: &'static str, table: Table, chain: &str, rules: Vec<Vec<String>>) {
         self.tables
             .lock()
             .unwrap()
-            .get_mut(program)
+            .get_mut(&(program, table))
             .unwrap()
             .insert(chain.to_owned(), rules);
     }
@@ -77,6 +93,65 @@ fn failed(program: Program, args: &[String]) -> Error {
     }
 }
 
+/// Applies one iptables operation to `chains`; `Err(())` where iptables would exit non-zero.
+fn apply(chains: &mut Chains, op: &str, chain: &str, rest: &[String]) -> Result<String, ()> {
+    match op {
+        "-S" => {
+            let rules = chains.get(chain).ok_or(())?;
+            let mut out = format!("-N {chain}\n");
+            for rule in rules {
+                let quoted: Vec<String> = rule
+                    .iter()
+                    .map(|a| if a.contains(' ') { format!("\"{a}\"") } else { a.clone() })
+                    .collect();
+                out.push_str(&format!("-A {chain} {}\n", quoted.join(" ")));
+            }
+            Ok(out)
+        }
+        "-N" if chains.contains_key(chain) => Err(()),
+        "-N" => {
+            chains.insert(chain.to_owned(), Vec::new());
+            Ok(String::new())
+        }
+        "-F" => {
+            chains.get_mut(chain).ok_or(())?.clear();
+            Ok(String::new())
+        }
+        "-X" => chains.remove(chain).map(|_| String::new()).ok_or(()),
+        "-A" => {
+            chains.get_mut(chain).ok_or(())?.push(rest.to_vec());
+            Ok(String::new())
+        }
+        "-I" => {
+            let position: usize = rest[0].parse().unwrap();
+            chains
+                .get_mut(chain)
+                .ok_or(())?
+                .insert(position - 1, rest[1..].to_vec());
+            Ok(String::new())
+        }
+        "-C" => chains
+            .get(chain)
+            .filter(|rules| rules.iter().any(|r| r == rest))
+            .map(|_| String::new())
+            .ok_or(()),
+        "-D" => {
+            let rules = chains.get_mut(chain).ok_or(())?;
+            let at = rules.iter().position(|r| r == rest).ok_or(())?;
+            rules.remove(at);
+            Ok(String::new())
+        }
+        other => panic!("unexpected iptables operation {other}"),
+    }
+}
+
+fn table_named(name: &str) -> Table {
+    Table::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .unwrap_or_else(|| panic!("unexpected table {name}"))
+}
+
 impl Backend for Fake {
     fn run(&self, program: Program, args: &[String]) -> Result<String, Error> {
         self.log
@@ -93,62 +168,54 @@ impl Backend for Fake {
             });
         }
         assert_eq!(
-            &args[..4],
-            &nat(&[])[..],
-            "every command waits for the lock on the nat table"
+            &args[..3],
+            &strings(&["-w", LOCK_WAIT_SECONDS, "-t"])[..],
+            "every command waits for the lock and names its table"
         );
+        let table = table_named(&args[3]);
         let mut tables = self.tables.lock().unwrap();
-        let table = tables.get_mut(program.binary()).unwrap();
-        let (op, chain, rest) = (args[4].as_str(), args[5].clone(), &args[6..]);
-        let missing = || failed(program, args);
-        match op {
-            "-S" => {
-                let rules = table.get(&chain).ok_or_else(missing)?;
-                let mut out = format!("-N {chain}\n");
-                for rule in rules {
-                    let quoted: Vec<String> = rule
-                        .iter()
-                        .map(|a| if a.contains(' ') { format!("\"{a}\"") } else { a.clone() })
-                        .collect();
-                    out.push_str(&format!("-A {chain} {}\n", quoted.join(" ")));
-                }
-                Ok(out)
-            }
-            "-N" if table.contains_key(&chain) => Err(missing()),
-            "-N" => {
-                table.insert(chain, Vec::new());
-                Ok(String::new())
-            }
-            "-F" => {
-                table.get_mut(&chain).ok_or_else(missing)?.clear();
-                Ok(String::new())
-            }
-            "-X" => table.remove(&chain).map(|_| String::new()).ok_or_else(missing),
-            "-A" => {
-                table.get_mut(&chain).ok_or_else(missing)?.push(rest.to_vec());
-                Ok(String::new())
-            }
-            "-I" => {
-                let position: usize = rest[0].parse().unwrap();
-                table
-                    .get_mut(&chain)
-                    .ok_or_else(missing)?
-                    .insert(position - 1, rest[1..].to_vec());
-                Ok(String::new())
-            }
-            "-C" => table
-                .get(&chain)
-                .filter(|rules| rules.iter().any(|r| r == rest))
-                .map(|_| String::new())
-                .ok_or_else(missing),
-            "-D" => {
-                let rules = table.get_mut(&chain).ok_or_else(missing)?;
-                let at = rules.iter().position(|r| r == rest).ok_or_else(missing)?;
-                rules.remove(at);
-                Ok(String::new())
-            }
-            other => panic!("unexpected iptables operation {other}"),
+        let chains = tables.get_mut(&(program.binary(), table)).unwrap();
+        apply(chains, &args[4], &args[5], &args[6..]).map_err(|()| failed(program, args))
+    }
+
+    fn restore(&self, family: Family, table: Table, payload: &str) -> Result<(), Error> {
+        let program = family.restore_program();
+        self.log.lock().unwrap().push(format!(
+            "{} {}",
+            program.binary(),
+            payload.trim_end().replace('\n', " | ")
+        ));
+        let error = || failed(program, &[payload.to_owned()]);
+        if self.restore_fails {
+            return Err(error());
         }
+        let mut lines = payload.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("*{}", table.name()).as_str()),
+            "one table per payload"
+        );
+        let key = (family.program().binary(), table);
+        let mut tables = self.tables.lock().unwrap();
+        // The commit: a copy that replaces the table only when every line applied.
+        let mut chains = tables[&key].clone();
+        let mut committed = false;
+        for line in lines {
+            assert!(!committed, "nothing after COMMIT");
+            if line == "COMMIT" {
+                committed = true;
+            } else if let Some(declared) = line.strip_prefix(':') {
+                // With --noflush, declaring a chain creates it or empties it.
+                let name = declared.split_whitespace().next().unwrap();
+                chains.insert(name.to_owned(), Vec::new());
+            } else {
+                let args = split_rule(line);
+                apply(&mut chains, &args[0], &args[1], &args[2..]).map_err(|()| error())?;
+            }
+        }
+        assert!(committed, "a payload ends in COMMIT");
+        tables.insert(key, chains);
+        Ok(())
     }
 }
 

@@ -1,14 +1,22 @@
-//! The iptables rules that send pods' `169.254.169.254:80` (and `[fd00:ec2::254]:80`) to this agent.
+//! The iptables rules that send pods' `169.254.169.254:80` (and `[fd00:ec2::254]:80`) to this agent, and
+//! keep the agent's IMDS port for pods alone.
 //!
 //! In the `nat` table we own one chain, [`CHAIN`], jumped to from the first rule of `PREROUTING`. It DNATs
 //! TCP to the instance-metadata address arriving on the `--host-interface` patterns to `--node-ip` and the
-//! IMDS port. [`Reconciler::ensure`] makes the tables look like that and reports whether it had to change
-//! anything; [`Reconciler::run`] repeats it on an interval, so a deleted or demoted rule comes back.
+//! IMDS port. In the `filter` table a chain of the same name, jumped to from the first rule of `INPUT` for
+//! TCP to `--node-ip` and the IMDS port, drops what does not arrive on those interfaces (the admin port is
+//! not matched). [`Reconciler::ensure`] makes the tables look like that and reports whether it had to
+//! change anything; [`Reconciler::run`] repeats it on an interval, so a deleted or demoted rule comes back.
+//!
+//! Every change is one `iptables-restore --noflush` transaction per table (see [`rules::repair`]): the
+//! kernel swaps the table at once, so neither the install nor a repair ever leaves a moment in which
+//! 169.254.169.254 is not captured, and a failed repair changes nothing.
 //!
 //! This module owns the public vocabulary ([`Config`], [`Interface`], [`Family`], [`Program`]), the
 //! [`Backend`] every command goes through, [`System`] (which runs the real binaries), the [`Error`] of
-//! the whole component and [`uninstall`]. The rules themselves are built and iptables' output parsed in
-//! [`rules`](mod@rules), purely; [`reconcile`] decides what to change and runs the commands.
+//! the whole component and [`uninstall`]. The rules themselves are built, the restore payload written and
+//! iptables' output parsed in [`rules`](mod@rules), purely; [`reconcile`] reads the tables, decides and
+//! applies.
 //!
 //! Deliberately, nothing is removed on shutdown: while the agent is down or restarting, captured traffic
 //! meets a closed port (connection refused) instead of the node's own IMDS and the node's role. Only
@@ -31,11 +39,11 @@ use std::process::Command;
 use std::time::Duration;
 
 pub use reconcile::{Metrics, Outcome, Reconciler};
-pub use rules::{Rules, conntrack_flush, nat, rules, split_rule};
+pub use rules::{Chain, Observed, Rules, Table, argv, conntrack_flush, repair, rules, split_rule};
 
-use rules::{jumps_to_us, listed_rules, nat_rule};
+use rules::{jumps_to_us, listed_rules, restore_argv, rule_argv};
 
-/// The chain this agent owns in the `nat` table.
+/// The chain this agent owns in the `nat` and the `filter` table.
 pub const CHAIN: &str = "IMDS-BROKER";
 /// The instance-metadata address pods dial over IPv4.
 pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -127,6 +135,14 @@ impl Family {
         }
     }
 
+    /// The program applying a transaction to this family's tables.
+    pub fn restore_program(self) -> Program {
+        match self {
+            Family::V4 => Program::IptablesRestore,
+            Family::V6 => Program::Ip6tablesRestore,
+        }
+    }
+
     /// The instance-metadata destination, with its prefix length as iptables prints it.
     fn imds(self) -> String {
         match self {
@@ -150,6 +166,10 @@ pub enum Program {
     Iptables,
     /// `ip6tables`.
     Ip6tables,
+    /// `iptables-restore`, which applies a whole table's changes in one transaction.
+    IptablesRestore,
+    /// `ip6tables-restore`.
+    Ip6tablesRestore,
     /// `conntrack`, to forget connections made before the capture existed.
     Conntrack,
 }
@@ -160,6 +180,8 @@ impl Program {
         match self {
             Program::Iptables => "iptables",
             Program::Ip6tables => "ip6tables",
+            Program::IptablesRestore => "iptables-restore",
+            Program::Ip6tablesRestore => "ip6tables-restore",
             Program::Conntrack => "conntrack",
         }
     }
@@ -209,21 +231,37 @@ impl Error {
 pub trait Backend: Send + Sync + 'static {
     /// Runs `program` with exactly `args`.
     fn run(&self, program: Program, args: &[String]) -> Result<String, Error>;
+
+    /// Applies `payload` (`iptables-restore` format, naming `table` only) to `family`'s tables in one
+    /// transaction: all of it, or nothing on error.
+    fn restore(&self, family: Family, table: Table, payload: &str) -> Result<(), Error>;
 }
 
 /// The real backend: runs the binaries found on `PATH` (needs `CAP_NET_ADMIN`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct System;
 
-impl Backend for System {
-    fn run(&self, program: Program, args: &[String]) -> Result<String, Error> {
-        let output = Command::new(program.binary())
+impl System {
+    fn exec(program: Program, args: &[String], stdin: Option<&str>) -> Result<String, Error> {
+        use std::io::Write as _;
+        use std::process::Stdio;
+
+        let spawn_error = |source| Error::Spawn {
+            program: program.binary(),
+            source,
+        };
+        let mut child = Command::new(program.binary())
             .args(args)
-            .output()
-            .map_err(|source| Error::Spawn {
-                program: program.binary(),
-                source,
-            })?;
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // The pipe closes when `pipe` drops, which is how iptables-restore learns the payload ended.
+            pipe.write_all(input.as_bytes()).map_err(spawn_error)?;
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
@@ -237,37 +275,55 @@ impl Backend for System {
     }
 }
 
+impl Backend for System {
+    fn run(&self, program: Program, args: &[String]) -> Result<String, Error> {
+        Self::exec(program, args, None)
+    }
+
+    fn restore(&self, family: Family, table: Table, payload: &str) -> Result<(), Error> {
+        debug_assert!(payload.starts_with(&format!("*{}\n", table.name())));
+        Self::exec(family.restore_program(), &restore_argv(), Some(payload)).map(drop)
+    }
+}
+
 /// What [`uninstall`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Removed {
-    /// Families whose tables held our chain or jump.
+    /// Families whose tables held one of our chains or jumps.
     pub families: Vec<Family>,
-    /// `PREROUTING` rules deleted.
+    /// `PREROUTING` and `INPUT` rules deleted.
     pub jumps: usize,
 }
 
-/// Removes the jump and the chain from both families; missing pieces (or a missing `ip6tables`) are fine.
+/// Removes the jumps and the chains of both tables from both families; missing pieces (or a missing
+/// `ip6tables`) are fine.
+///
+/// Not one transaction: removing the capture is the point, and a half-done uninstall is finished by the
+/// next one.
 pub fn uninstall<B: Backend + ?Sized>(backend: &B) -> Result<Removed, Error> {
     let mut removed = Removed::default();
     for family in Family::ALL {
         let program = family.program();
-        let listing = match backend.run(program, &nat(&["-S", "PREROUTING"])) {
-            Ok(listing) => listing,
-            // No ip6tables binary, or no nat table for this family: nothing of ours can be there.
-            Err(Error::Spawn { .. }) if family == Family::V6 => continue,
-            Err(Error::Failed { .. }) if family == Family::V6 => continue,
-            Err(error) => return Err(error),
-        };
         let mut touched = false;
-        for spec in listed_rules(&listing, "PREROUTING").iter().filter(|s| jumps_to_us(s)) {
-            backend.run(program, &nat_rule("-D", "PREROUTING", spec))?;
-            removed.jumps += 1;
-            touched = true;
-        }
-        if backend.run(program, &nat(&["-S", CHAIN])).is_ok() {
-            backend.run(program, &nat(&["-F", CHAIN]))?;
-            backend.run(program, &nat(&["-X", CHAIN]))?;
-            touched = true;
+        for table in Table::ALL {
+            let hook = table.hook();
+            let listing = match backend.run(program, &argv(table, &["-S", hook])) {
+                Ok(listing) => listing,
+                // No ip6tables binary, or no such table for this family: nothing of ours can be there.
+                Err(Error::Spawn { .. }) if family == Family::V6 => continue,
+                Err(Error::Failed { .. }) if family == Family::V6 => continue,
+                Err(error) => return Err(error),
+            };
+            for spec in listed_rules(&listing, hook).iter().filter(|s| jumps_to_us(s)) {
+                backend.run(program, &rule_argv(table, "-D", hook, spec))?;
+                removed.jumps += 1;
+                touched = true;
+            }
+            if backend.run(program, &argv(table, &["-S", CHAIN])).is_ok() {
+                backend.run(program, &argv(table, &["-F", CHAIN]))?;
+                backend.run(program, &argv(table, &["-X", CHAIN]))?;
+                touched = true;
+            }
         }
         if touched {
             removed.families.push(family);
@@ -319,9 +375,17 @@ mod tests {
         fake.set_chain("iptables", "PREROUTING", prerouting);
         let removed = uninstall(fake).unwrap();
         assert_eq!(removed.families, [Family::V4, Family::V6]);
-        assert_eq!(removed.jumps, 2);
+        assert_eq!(removed.jumps, 4, "PREROUTING and INPUT, in both families");
         assert_eq!(fake.chain("iptables", "PREROUTING").unwrap(), vec![other_rule()]);
-        assert!(fake.chain("iptables", CHAIN).is_none() && fake.chain("ip6tables", CHAIN).is_none());
+        for program in ["iptables", "ip6tables"] {
+            for table in Table::ALL {
+                assert!(fake.chain_in(program, table, CHAIN).is_none(), "{program} {table:?}");
+                assert_eq!(
+                    fake.chain_in(program, table, table.hook()).unwrap().len(),
+                    usize::from(program == "iptables" && table == Table::Nat)
+                );
+            }
+        }
         assert_eq!(uninstall(fake).unwrap(), Removed::default());
     }
 

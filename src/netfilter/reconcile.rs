@@ -4,16 +4,18 @@
 //! It does not build rules or parse listings ([`rules`](mod@super::rules) does) and it never removes
 //! the capture: only [`super::uninstall`] does, on an operator's command.
 //!
-//! Invariants: our chain is complete before the `PREROUTING` jump to it is (re)inserted; the jump is the
-//! first rule of `PREROUTING` and appears once; a pass that changes nothing runs only read commands
-//! (`-S`, `-C`); [`Reconciler::run`] keeps iptables off the async workers.
+//! Invariants: every change to a table is one `iptables-restore` transaction (the payload of
+//! [`repair`]), so the capture is never absent, not even while it is repaired; after each such change the
+//! family's conntrack entries towards the metadata address are flushed; each jump is the first rule of
+//! its hook and appears once; a pass that changes nothing runs only read commands (`-S`, `-C`);
+//! [`Reconciler::run`] keeps iptables off the async workers.
 
 use std::sync::Arc;
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
-use super::rules::{Rules, fingerprint, insert_first, jumps_to_us, listed_rules, nat, nat_rule, rules};
+use super::rules::{Chain, Observed, Rules, argv, chain_shaped, jump_shaped, listed_rules, repair, rule_argv, rules};
 use super::{Backend, CHAIN, Config, Error, Family, Program, conntrack_flush};
 
 /// What one reconcile pass did.
@@ -129,57 +131,53 @@ pub(super) fn ensure<B: Backend + ?Sized>(backend: &B, config: &Config) -> Resul
 }
 
 fn ensure_family<B: Backend + ?Sized>(backend: &B, wanted: &Rules) -> Result<Outcome, Error> {
-    let program = wanted.family.program();
     let mut outcome = Outcome::Unchanged;
-
-    // Our chain first, so the jump never points at a missing or half-filled chain.
-    let chain_ok = match backend.run(program, &nat(&["-S", CHAIN])) {
-        Err(Error::Failed { .. }) => {
-            backend.run(program, &nat(&["-N", CHAIN]))?;
-            false
+    for chain in wanted.chains() {
+        let observed = observe(backend, wanted.family, chain)?;
+        if let Some(payload) = repair(chain, &observed) {
+            backend.restore(wanted.family, chain.table, &payload)?;
+            outcome = Outcome::Changed;
         }
-        Err(other) => return Err(other),
-        Ok(listing) => {
-            let present = listed_rules(&listing, CHAIN);
-            present.len() == wanted.chain.len()
-                && present
-                    .iter()
-                    .zip(&wanted.chain)
-                    .all(|(have, want)| fingerprint(have) == fingerprint(want))
-                && wanted
-                    .chain
-                    .iter()
-                    .all(|spec| backend.run(program, &nat_rule("-C", CHAIN, spec)).is_ok())
-        }
-    };
-    if !chain_ok {
-        backend.run(program, &nat(&["-F", CHAIN]))?;
-        for spec in &wanted.chain {
-            backend.run(program, &nat_rule("-A", CHAIN, spec))?;
-        }
-        outcome = Outcome::Changed;
     }
-
-    let listing = backend.run(program, &nat(&["-S", "PREROUTING"]))?;
-    let prerouting = listed_rules(&listing, "PREROUTING");
-    let ours: Vec<&Vec<String>> = prerouting.iter().filter(|spec| jumps_to_us(spec)).collect();
-    let in_place = ours.len() == 1
-        && prerouting.first().is_some_and(|first| jumps_to_us(first))
-        && backend
-            .run(program, &nat_rule("-C", "PREROUTING", &wanted.jump))
-            .is_ok();
-    if !in_place {
-        // Delete before inserting: `-D` by spec removes the first match, which would be the new rule.
-        for spec in ours {
-            backend.run(program, &nat_rule("-D", "PREROUTING", spec))?;
-        }
-        backend.run(program, &nat_rule("-I", "PREROUTING", &insert_first(&wanted.jump)))?;
-        // Connections a pod opened to the real IMDS before the capture existed (or during the move)
-        // would keep going there: NAT is decided on a connection's first packet only.
+    if outcome == Outcome::Changed {
+        // NAT is decided on a connection's first packet only: a connection a pod opened to the real IMDS
+        // before the capture existed, or that someone else's tampering let through, keeps going there
+        // until its conntrack entry is gone. Flushed after every change, install or repair; only the
+        // entries that were not DNATed (see `conntrack_flush`).
         flush_conntrack(backend, wanted.family);
-        outcome = Outcome::Changed;
     }
     Ok(outcome)
+}
+
+/// Reads one table: our chain and the hook as listed, then `-C` for what has the wanted shape.
+fn observe<B: Backend + ?Sized>(backend: &B, family: Family, wanted: &Chain) -> Result<Observed, Error> {
+    let program = family.program();
+    let table = wanted.table;
+    let chain = match backend.run(program, &argv(table, &["-S", CHAIN])) {
+        Ok(listing) => Some(listed_rules(&listing, CHAIN)),
+        // iptables exits 1 for a chain that does not exist.
+        Err(Error::Failed { .. }) => None,
+        Err(other) => return Err(other),
+    };
+    let chain_checked = chain_shaped(wanted, chain.as_deref())
+        && wanted
+            .rules
+            .iter()
+            .all(|spec| backend.run(program, &rule_argv(table, "-C", CHAIN, spec)).is_ok());
+    let hook = listed_rules(
+        &backend.run(program, &argv(table, &["-S", table.hook()]))?,
+        table.hook(),
+    );
+    let jump_checked = jump_shaped(&hook)
+        && backend
+            .run(program, &rule_argv(table, "-C", table.hook(), &wanted.jump))
+            .is_ok();
+    Ok(Observed {
+        chain,
+        hook,
+        chain_checked,
+        jump_checked,
+    })
 }
 
 fn flush_conntrack<B: Backend + ?Sized>(backend: &B, family: Family) {
@@ -196,38 +194,142 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::netfilter::Table;
     use crate::netfilter::fake::{Fake, config, other_rule};
+    use crate::netfilter::rules::jumps_to_us;
 
     fn reconciler(fake: Fake, config: Config) -> Reconciler<Fake> {
         Reconciler::build(config, fake, &Registry::new()).unwrap()
     }
 
+    /// Another writer's change to the fake tables.
+    type Tamper<'a> = Box<dyn Fn(&Fake) + 'a>;
+
+    /// Every write of a pass: whole-table transactions and conntrack flushes, never a lone `-D`/`-I`/`-F`.
+    fn assert_only_transactions(mutations: &[String]) {
+        for command in mutations {
+            assert!(
+                command.starts_with("iptables-restore *")
+                    || command.starts_with("ip6tables-restore *")
+                    || command.starts_with("conntrack -D"),
+                "a write outside a transaction: {command}"
+            );
+        }
+    }
+
     #[test]
-    fn first_ensure_creates_the_chain_puts_the_jump_on_top_and_flushes_conntrack() {
+    fn first_ensure_installs_each_table_in_one_transaction_and_flushes_conntrack() {
         let fake = Fake::new();
         fake.set_chain("iptables", "PREROUTING", vec![other_rule()]);
         let reconciler = reconciler(fake, config(&["cali+"], &["10.0.0.7"]));
         assert_eq!(reconciler.ensure().unwrap(), Outcome::Changed);
         let fake = &reconciler.backend;
         let mutations = fake.mutations();
-        assert_eq!(mutations[0], "iptables -w 5 -t nat -N IMDS-BROKER");
-        assert!(
-            mutations
-                .iter()
-                .any(|c| c.starts_with("iptables -w 5 -t nat -A IMDS-BROKER"))
+        assert_eq!(mutations.len(), 3, "{mutations:#?}");
+        assert!(mutations[0].starts_with("iptables-restore *nat | :IMDS-BROKER - [0:0] | -A IMDS-BROKER"));
+        assert!(mutations[1].starts_with("iptables-restore *filter | :IMDS-BROKER - [0:0] | -A IMDS-BROKER"));
+        assert_eq!(
+            mutations[2],
+            "conntrack -D -f ipv4 -d 169.254.169.254 --reply-src 169.254.169.254"
         );
-        assert!(
-            mutations
-                .iter()
-                .any(|c| c.starts_with("iptables -w 5 -t nat -I PREROUTING 1 -d"))
-        );
-        assert_eq!(mutations.last().unwrap(), "conntrack -D -f ipv4 -d 169.254.169.254");
         let prerouting = fake.chain("iptables", "PREROUTING").unwrap();
         assert!(jumps_to_us(&prerouting[0]));
         assert_eq!(prerouting[1], other_rule());
+        let input = fake.chain_in("iptables", Table::Filter, "INPUT").unwrap();
+        assert_eq!(input.len(), 1);
+        assert!(jumps_to_us(&input[0]));
         assert!(
             fake.chain("ip6tables", CHAIN).is_none(),
             "no IPv6 node IP, no IPv6 rules"
+        );
+    }
+
+    #[test]
+    fn a_failed_transaction_changes_nothing_and_reports_the_error() {
+        let fake = Fake {
+            restore_fails: true,
+            ..Fake::new()
+        };
+        fake.set_chain("iptables", "PREROUTING", vec![other_rule()]);
+        let reconciler = reconciler(fake, config(&["cali+"], &["10.0.0.7"]));
+        assert!(matches!(reconciler.ensure(), Err(Error::Failed { .. })));
+        assert_eq!(
+            reconciler.backend.chain("iptables", "PREROUTING").unwrap(),
+            vec![other_rule()]
+        );
+        assert!(reconciler.backend.chain("iptables", CHAIN).is_none());
+    }
+
+    #[test]
+    fn every_repair_is_one_transaction_followed_by_a_conntrack_flush() {
+        let reconciler = reconciler(Fake::new(), config(&["cali+", "!eth0"], &["10.0.0.7"]));
+        reconciler.ensure().unwrap();
+        let wanted = reconciler.backend.chain("iptables", CHAIN).unwrap();
+        let jump = reconciler.backend.chain("iptables", "PREROUTING").unwrap()[0].clone();
+        reconciler.backend.commands();
+        let tamperings: [(&str, Tamper); 4] = [
+            (
+                "jump deleted",
+                Box::new(|f: &Fake| f.set_chain("iptables", "PREROUTING", vec![])),
+            ),
+            (
+                "jump demoted",
+                Box::new(|f: &Fake| f.set_chain("iptables", "PREROUTING", vec![other_rule(), jump.clone()])),
+            ),
+            (
+                "jump duplicated",
+                Box::new(|f: &Fake| {
+                    f.set_chain("iptables", "PREROUTING", vec![jump.clone(), other_rule(), jump.clone()])
+                }),
+            ),
+            (
+                "chain flushed",
+                Box::new(|f: &Fake| f.set_chain("iptables", CHAIN, vec![])),
+            ),
+        ];
+        for (what, tamper) in &tamperings {
+            tamper(&reconciler.backend);
+            assert_eq!(reconciler.ensure().unwrap(), Outcome::Changed, "{what}");
+            let mutations = reconciler.backend.mutations();
+            assert_only_transactions(&mutations);
+            assert_eq!(mutations.len(), 2, "{what}: {mutations:#?}");
+            assert_eq!(
+                mutations[1], "conntrack -D -f ipv4 -d 169.254.169.254 --reply-src 169.254.169.254",
+                "{what}"
+            );
+            let prerouting = reconciler.backend.chain("iptables", "PREROUTING").unwrap();
+            assert_eq!(prerouting.iter().filter(|r| jumps_to_us(r)).count(), 1, "{what}");
+            assert!(jumps_to_us(&prerouting[0]), "{what}");
+            assert_eq!(reconciler.backend.chain("iptables", CHAIN).unwrap(), wanted, "{what}");
+            assert_eq!(reconciler.ensure().unwrap(), Outcome::Unchanged, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_removed_guard_of_the_imds_port_comes_back() {
+        let reconciler = reconciler(Fake::new(), config(&["cali+"], &["10.0.0.7", "fd00::2"]));
+        reconciler.ensure().unwrap();
+        let guard = reconciler.backend.chain_in("ip6tables", Table::Filter, CHAIN).unwrap();
+        reconciler
+            .backend
+            .set_chain_in("ip6tables", Table::Filter, "INPUT", vec![]);
+        reconciler.backend.commands();
+        assert_eq!(reconciler.ensure().unwrap(), Outcome::Changed);
+        let mutations = reconciler.backend.mutations();
+        assert_only_transactions(&mutations);
+        assert!(mutations[0].starts_with("ip6tables-restore *filter"), "{mutations:#?}");
+        assert_eq!(
+            mutations[1],
+            "conntrack -D -f ipv6 -d fd00:ec2::254 --reply-src fd00:ec2::254"
+        );
+        let input = reconciler
+            .backend
+            .chain_in("ip6tables", Table::Filter, "INPUT")
+            .unwrap();
+        assert!(input.len() == 1 && jumps_to_us(&input[0]));
+        assert_eq!(
+            reconciler.backend.chain_in("ip6tables", Table::Filter, CHAIN).unwrap(),
+            guard
         );
     }
 
@@ -290,6 +392,9 @@ mod tests {
         impl Backend for Shared {
             fn run(&self, program: Program, args: &[String]) -> Result<String, Error> {
                 self.0.run(program, args)
+            }
+            fn restore(&self, family: Family, table: Table, payload: &str) -> Result<(), Error> {
+                self.0.restore(family, table, payload)
             }
         }
         let mut config = config(&["cali+"], &["10.0.0.7"]);

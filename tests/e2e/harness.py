@@ -14,6 +14,10 @@ for. A pod's 169.254.169.254:80 enters the root namespace on <prefix>hN, where t
 to the dummy address. A FORWARD drop for <prefix>h+ keeps pod traffic from ever leaving the node, so
 nothing reaches any address this harness did not create, whatever the agent does.
 
+An outsider (`Topology.add_outsider`) is a namespace wired like a pod but behind <prefix>xN, an interface
+the agent's --host-interface pattern does not match: what the node's other interfaces look like to the
+agent's rules. It gets the same FORWARD drop.
+
 Only the standard library is used; the venvs hold the SDKs under test.
 """
 
@@ -116,6 +120,11 @@ class Net:
     def host_if_pattern(self) -> str:
         return f"{self.prefix}h+"
 
+    @property
+    def outsider_if_pattern(self) -> str:
+        """Host-side interfaces of namespaces that are not pods (not matched by `host_if_pattern`)."""
+        return f"{self.prefix}x+"
+
     def pod_ns(self, n: int) -> str:
         return f"{self.prefix}-pod{n}"
 
@@ -198,13 +207,18 @@ class Topology:
         run(["ip", "-6", "addr", "add", f"{n.node_ip6}/128", "dev", n.node_if, "nodad"])
         run(["ip", "link", "set", n.node_if, "up"])
         for tool in ("iptables", "ip6tables"):
-            # Pods may only reach addresses on this node, never be forwarded anywhere else.
-            run([tool, "-w", "5", "-I", "FORWARD", "1", "-i", n.host_if_pattern, "-m", "comment",
-                 "--comment", f"{n.prefix} e2e: pods stay on the node", "-j", "DROP"], check=False)
+            for pattern in (n.host_if_pattern, n.outsider_if_pattern):
+                # Pods (and outsiders) may only reach addresses on this node, never be forwarded elsewhere.
+                run([tool, "-w", "5", "-I", "FORWARD", "1", "-i", pattern, "-m", "comment",
+                     "--comment", f"{n.prefix} e2e: pods stay on the node", "-j", "DROP"], check=False)
 
-    def add_pod(self, i: int) -> PodNet:
+    def add_outsider(self, i: int) -> PodNet:
+        """A namespace wired like pod `i` but behind <prefix>x<i>, which --host-interface does not match."""
+        return self.add_pod(i, host_if=f"{self.net.prefix}x{i}")
+
+    def add_pod(self, i: int, host_if: str | None = None) -> PodNet:
         pod = PodNet(self.net, i)
-        host_if, ns = self.net.host_if(i), pod.ns
+        host_if, ns = host_if or self.net.host_if(i), pod.ns
         run(["ip", "netns", "add", ns])
         run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns])
         run(["sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1"])
@@ -226,7 +240,9 @@ class Topology:
 
     def remove_pod(self, i: int) -> None:
         run(["ip", "netns", "del", self.net.pod_ns(i)], check=False)
-        run(["ip", "link", "del", self.net.host_if(i)], check=False)
+        for host_if in (self.net.host_if(i), f"{self.net.prefix}x{i}"):
+            if Path(f"/sys/class/net/{host_if}").exists():
+                run(["ip", "link", "del", host_if], check=False)
         self.pods.pop(i, None)
 
     def teardown(self) -> None:
@@ -243,7 +259,7 @@ def cleanup(net: Net) -> None:
     links = run(["ip", "-o", "link", "show"], check=False).stdout
     for match in re.finditer(r"^\d+: ([^:@]+)[:@]", links, re.M):
         name = match.group(1)
-        if name == net.node_if or re.fullmatch(rf"{re.escape(net.prefix)}h\d+", name):
+        if name == net.node_if or re.fullmatch(rf"{re.escape(net.prefix)}[hx]\d+", name):
             run(["ip", "link", "del", name], check=False)
     for tool in ("iptables", "ip6tables"):
         rules = run([tool, "-w", "5", "-S", "FORWARD"], check=False).stdout
@@ -262,9 +278,9 @@ def split_rule(line: str) -> list[str]:
     return shlex.split(line)
 
 
-def nat_listing(chain: str, tool: str = "iptables") -> list[list[str]]:
-    """The rule specs of a nat chain ([] if the chain does not exist)."""
-    result = run([tool, "-w", "5", "-t", "nat", "-S", chain], check=False)
+def nat_listing(chain: str, tool: str = "iptables", table: str = "nat") -> list[list[str]]:
+    """The rule specs of a chain, of the nat table unless told ([] if the chain does not exist)."""
+    result = run([tool, "-w", "5", "-t", table, "-S", chain], check=False)
     if result.returncode != 0:
         return []
     return [split_rule(line)[2:] for line in result.stdout.splitlines() if line.startswith(f"-A {chain} ")]
@@ -412,7 +428,8 @@ class Agent:
             "--listen", f"{self.net.node_ip}:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             "--base-role-arn", BASE_ROLE_ARN, "--pod-wait", "2s",
             "--iptables", "--host-interface", self.net.host_if_pattern, "--node-ip", f"{self.net.node_ip},{self.net.node_ip6}",
-            "--iptables-reconcile-interval", "1s",
+            # A test asking for another interval gets it instead (clap takes each flag once).
+            *([] if "--iptables-reconcile-interval" in extra else ["--iptables-reconcile-interval", "1s"]),
             "--log", "info,imds_broker=debug",
             *extra,
         ], self.logs, env=env)

@@ -169,5 +169,6 @@ def test_uninstall_removes_every_rule_and_is_idempotent(node):
         result = harness.run([str(harness.IMDS_BROKER_BIN), "iptables", "uninstall"])
         assert result.returncode == 0
     for tool in ("iptables", "ip6tables"):
-        listing = harness.run([tool, "-w", "5", "-t", "nat", "-S"]).stdout
-        assert "IMDS-BROKER" not in listing, listing
+        for table in ("nat", "filter"):
+            listing = harness.run([tool, "-w", "5", "-t", table, "-S"]).stdout
+            assert "IMDS-BROKER" not in listing, (tool, table, listing)
