@@ -34,8 +34,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(text.trim_start_matches('0'), ttl.to_string());
     }
 
-    // A header value that is not visible ASCII never reaches `verify` (`to_str` refuses it); the rest
-    // of the bytes still make a string worth trying.
+    // The agent hands `verify` only header values that are visible ASCII (`to_str`); any UTF-8 string
+    // is a superset of those.
     if let Ok(token) = std::str::from_utf8(token) {
         presented(&issuer, token);
     }
