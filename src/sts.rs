@@ -11,6 +11,7 @@ use aws_sdk_sts::config::{BehaviorVersion, Region};
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
 use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use aws_smithy_runtime_api::http::Response as HttpResponse;
 use time::OffsetDateTime;
 
@@ -125,6 +126,13 @@ impl Exchanger {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
+        Self::with_http_client(config, http)
+    }
+
+    /// [`Exchanger::new`] over another HTTP client, for tests and fuzzing (a client that answers every
+    /// request with canned bytes); the agent itself always uses [`Exchanger::new`].
+    #[doc(hidden)]
+    pub fn with_http_client(config: &Config, http: SharedHttpClient) -> Self {
         let mut builder = aws_sdk_sts::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))

@@ -12,6 +12,7 @@ mod churn;
 mod doubles_selftest;
 mod faults;
 mod logging;
+mod malformed;
 mod metadata;
 mod moto;
 mod process;

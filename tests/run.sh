@@ -2,11 +2,12 @@
 # Runs every test of imds-broker, from a fresh machine: installs what the suite needs, checks the
 # TokenRequest admission policy (deploy/token-policy.yaml) with a CEL interpreter, builds once in
 # the dev profile, then runs formatting and lint checks, unit and integration tests (cargo-nextest),
-# the end-to-end suite (network namespaces + iptables + real SDKs; needs root) and the benchmark smoke
-# run. Exits non-zero on the first failure.
+# the end-to-end suite (network namespaces + iptables + real SDKs; needs root), the benchmark smoke
+# run and a bounded fuzzing run (fuzz/run.sh). Exits non-zero on the first failure.
 #
 #   sudo ./tests/run.sh            # everything
 #   SKIP_E2E=1 ./tests/run.sh      # without the root-only end-to-end suite (for quick local runs)
+#   SKIP_FUZZ=1 ./tests/run.sh     # without fuzzing (its build alone takes a quarter of an hour)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -57,6 +58,11 @@ fi
 if [ -x bench/smoke.sh ]; then
   step "benchmark smoke run"
   bench/smoke.sh
+fi
+
+if [ -z "${SKIP_FUZZ:-}" ]; then
+  step "fuzzing (corpus replay, then ${FUZZ_SECONDS:-30} s per target)"
+  fuzz/run.sh
 fi
 
 step "all tests passed"

@@ -86,8 +86,9 @@ impl Rules {
                 .any(|(p, r)| p.starts_with(&format!("{path}/")) || r.is_match(&format!("{path}/")))
     }
 
-    /// Keeps only the entries of the listing of `directory` that are served.
-    pub(super) fn filter(&self, directory: &str, listing: &str) -> Vec<String> {
+    /// Keeps only the entries of the listing of `directory` (an upstream IMDS listing body: one entry a
+    /// line, directories ending in `/`) that are served.
+    pub fn filter(&self, directory: &str, listing: &str) -> Vec<String> {
         listing
             .lines()
             .filter(|entry| !entry.is_empty() && !entry.contains(['\\', '%']) && !entry.starts_with('.'))

@@ -21,6 +21,8 @@
 //! slow lists per kind, watch events delivered late (a fixed delay plus random jitter per kind, in
 //! order within each watch, so events of different kinds can arrive out of order), failing
 //! TokenRequests, compaction, broken watches, and API outages (503s, or connections reset unanswered).
+//! Objects can also be stored exactly as given, unvalidated ([`FakeKube::inject_raw`]), to serve what
+//! does not match the client's schema.
 //!
 //! Anything else is a 404 Status. Tokens are never logged or echoed anywhere but the TokenRequest answer.
 
@@ -403,6 +405,15 @@ impl FakeKube {
         let object = serde_json::to_value(object).expect("object serializes");
         let stored = self.shared.write(|st| st.upsert(kind, object));
         (*stored).clone()
+    }
+
+    /// Stores `object` as an object of `kind` exactly as given: no field the API server owns is filled
+    /// in and nothing is validated, so it may have wrong types or no metadata at all (what a client
+    /// meets when an object does not match its schema). Lists serve it and watches whose selectors it
+    /// matches get an ADDED event with it. Returns the name it is stored under, with an empty
+    /// namespace, for [`FakeKube::delete`].
+    pub fn inject_raw(&self, kind: Kind, object: Value) -> String {
+        self.shared.write(|st| st.insert_raw(kind, object))
     }
 
     /// Deletes an object of `kind`.
@@ -960,6 +971,17 @@ impl State {
         stored
     }
 
+    fn insert_raw(&mut self, kind: Kind, obj: Value) -> String {
+        let name = format!("raw-{}", self.next_rv());
+        let stored = Arc::new(obj);
+        self.objects
+            .entry(kind)
+            .or_default()
+            .insert((String::new(), name.clone()), stored.clone());
+        self.record(kind, EventType::Added, None, stored);
+        name
+    }
+
     fn upsert(&mut self, kind: Kind, obj: Value) -> Arc<Value> {
         let namespace = meta_str(&obj, "namespace").unwrap_or("default").to_owned();
         let name = meta_str(&obj, "name").expect("metadata.name").to_owned();
@@ -980,7 +1002,10 @@ impl State {
             .remove(&(namespace.to_owned(), name.to_owned()))?;
         let rv = self.next_rv();
         let mut last = (*old).clone();
-        last["metadata"]["resourceVersion"] = json!(rv.to_string());
+        // A raw object ([`FakeKube::inject_raw`]) may have no metadata object to stamp.
+        if let Some(meta) = last.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), json!(rv.to_string()));
+        }
         let last = Arc::new(last);
         self.record(kind, EventType::Deleted, Some(old), last.clone());
         Some(last)
