@@ -28,12 +28,8 @@ fn main() -> ExitCode {
         eprintln!("imds-broker: invalid --log filter {:?}: {error}", args.log);
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("imds-broker: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown::on_signals()?;
@@ -68,12 +64,8 @@ fn reconcile(args: &imds_broker::config::ReconcileArgs) -> ExitCode {
         eprintln!("imds-broker: cannot start logging: {error}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("imds-broker: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown::on_signals()?;
@@ -92,6 +84,17 @@ fn reconcile(args: &imds_broker::config::ReconcileArgs) -> ExitCode {
         Err(error) => {
             eprintln!("imds-broker: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The multi-threaded runtime, or `None` (said on stderr) when it cannot start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("imds-broker: cannot start the async runtime: {error}");
+            None
         }
     }
 }

@@ -1,15 +1,7 @@
 """The TokenRequest admission policy (deploy/token-policy.yaml), evaluated with a CEL interpreter.
 
-Every CEL expression of the policy (matchConditions, variables, validations, messageExpressions) is
-compiled with cel-python; a parse error fails the test run. Requests are then decided the way the API
-server decides them (k8s.io/apiserver .../policy/validating, dispatcher.go and validator.go):
-
-  1. matchConstraints.resourceRules must match the request's resource, subresource and operation;
-  2. matchConditions: any false -> the policy does not apply (admitted by this policy); an error (and
-     none false) -> failurePolicy decides;
-  3. otherwise every validation is evaluated: false -> denied with its message (messageExpression
-     first when it yields a one-line string), an error -> failurePolicy decides;
-  4. the binding's validationActions say what a denial does (Deny rejects the request).
+Every CEL expression of the policy is compiled with cel-python, and requests are decided the way the
+API server decides them (admission.py).
 
 What this cannot prove: cel-python does not type-check against the TokenRequest schema as the API
 server does, and the fixtures are TokenRequests as this file builds them, not as an API server
