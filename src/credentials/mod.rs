@@ -237,7 +237,8 @@ impl Cache {
     /// remembered for it, or freshly obtained.
     pub async fn get(&self, workload: &Workload, role: &RoleArn) -> Result<Arc<StsSession>, Error> {
         let Some(pod) = self.sessions_of(&workload.uid).await else {
-            return Err(Error::Stopped);
+            // The pod left the index between the request's lookup and here: nobody's credentials.
+            return Err(Error::Superseded);
         };
         let receiver = {
             let mut slots = pod.lock();
