@@ -9,12 +9,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::Api;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::watch::{self, Update};
+use crate::watch::{self, Unreadable, Update};
 
 /// The Namespace annotation read.
 pub const IMDSV2_ANNOTATION: &str = "imds-broker.io/imdsv2";
@@ -82,11 +81,28 @@ impl Policy {
         self.synced.send_replace(false);
     }
 
-    /// Replaces everything with a full list, and marks the policy synced.
-    pub fn replace(&self, namespaces: &[Namespace]) {
-        let required = namespaces.iter().filter(|ns| requires(ns)).filter_map(name).collect();
+    /// Replaces everything with a full list, and marks the policy synced. Namespaces that could not be
+    /// decoded require IMDSv2 (fail closed, as for an unknown annotation value).
+    pub fn replace(&self, namespaces: &[Namespace], unreadable: &[Unreadable]) {
+        let required = namespaces
+            .iter()
+            .filter(|ns| requires(ns))
+            .filter_map(name)
+            .chain(unreadable.iter().filter_map(|ns| ns.name.clone()))
+            .collect();
         self.write().required = required;
         self.synced.send_replace(true);
+    }
+
+    /// A namespace that could not be decoded requires IMDSv2 until it can be read again or is deleted.
+    pub fn distrust(&self, namespace: &Unreadable, deleted: bool) {
+        let Some(name) = namespace.name.clone() else { return };
+        let mut state = self.write();
+        if deleted {
+            state.required.remove(&name);
+        } else {
+            state.required.insert(name);
+        }
     }
 
     /// Applies one added or changed namespace.
@@ -158,19 +174,21 @@ impl Watcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let (tx, mut updates) = mpsc::channel(256);
         let namespaces = watch::Watch {
-            api: Api::<Namespace>::all(self.client),
+            client: self.client,
             resource: "namespaces",
             fields: None,
             config: self.watch_config,
             metrics: self.watch_metrics,
+            kind: std::marker::PhantomData::<Namespace>,
         };
         let apply = async {
             while let Some(update) = updates.recv().await {
                 match update {
                     Update::Stale => self.policy.unsync(),
-                    Update::Listed(all) => self.policy.replace(&all),
+                    Update::Listed { items, unreadable } => self.policy.replace(&items, &unreadable),
                     Update::Applied(ns) => self.policy.apply(&ns),
                     Update::Deleted(ns) => self.policy.delete(&ns),
+                    Update::Unreadable { object, deleted } => self.policy.distrust(&object, deleted),
                     Update::Unreachable | Update::Reachable => {}
                 }
             }
@@ -194,13 +212,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn annotated_namespaces_require_imdsv2_and_unknown_values_fail_closed() {
         let policy = Policy::new();
-        policy.replace(&[
-            namespace("strict", Some("required")),
-            namespace("loose", Some("optional")),
-            namespace("plain", None),
-            namespace("typo", Some("requierd")),
-        ]);
+        policy.replace(
+            &[
+                namespace("strict", Some("required")),
+                namespace("loose", Some("optional")),
+                namespace("plain", None),
+                namespace("typo", Some("requierd")),
+            ],
+            &[unreadable("odd")],
+        );
         let at = Instant::now();
+        assert!(
+            policy.requires_v2("odd", at).await,
+            "a namespace that cannot be read fails closed"
+        );
         assert!(policy.requires_v2("strict", at).await);
         assert!(policy.requires_v2("typo", at).await);
         assert!(!policy.requires_v2("loose", at).await);
@@ -209,6 +234,23 @@ mod tests {
         assert!(policy.requires_v2("plain", at).await);
         policy.delete(&namespace("plain", None));
         assert!(!policy.requires_v2("plain", at).await);
+        policy.distrust(&unreadable("plain"), false);
+        assert!(policy.requires_v2("plain", at).await);
+        policy.apply(&namespace("plain", None));
+        assert!(
+            !policy.requires_v2("plain", at).await,
+            "readable again, its annotation decides"
+        );
+        policy.distrust(&unreadable("odd"), true);
+        assert!(!policy.requires_v2("odd", at).await, "deleted");
+    }
+
+    fn unreadable(name: &str) -> Unreadable {
+        Unreadable {
+            uid: Some(format!("uid-{name}")),
+            name: Some(name.to_owned()),
+            ..Unreadable::default()
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,6 +31,13 @@ pub enum Error {
         #[source]
         reason: RoleArnError,
     },
+    /// The pod names no role itself and its service account could not be decoded: whether it names
+    /// one is unknown until it can be read again (a weaker source never stands in for it).
+    #[error("service account {service_account} could not be decoded; its role annotation is unknown")]
+    UnreadableServiceAccount {
+        /// `namespace/name`.
+        service_account: String,
+    },
     /// A bare role name without `--base-role-arn` to complete it.
     #[error("annotation {annotation}={value:?} names a role but no --base-role-arn is configured")]
     NoBaseArn {
@@ -47,6 +54,7 @@ impl Error {
         match self {
             Error::Invalid { .. } => "invalid_annotation",
             Error::NoBaseArn { .. } => "no_base_arn",
+            Error::UnreadableServiceAccount { .. } => "unreadable_service_account",
         }
     }
 }
@@ -82,6 +90,11 @@ impl Resolver {
     pub fn resolve(&self, workload: &Workload) -> Result<Option<RoleArn>, Error> {
         if let Some(value) = &workload.pod_role {
             return self.resolve_pod_annotation(value).map(Some);
+        }
+        if workload.service_account_unreadable {
+            return Err(Error::UnreadableServiceAccount {
+                service_account: format!("{}/{}", workload.namespace, workload.service_account),
+            });
         }
         if let Some(value) = &workload.service_account_role {
             return RoleArn::parse(value).map(Some).map_err(|reason| Error::Invalid {
@@ -126,6 +139,7 @@ mod tests {
             service_account: "sa".into(),
             pod_role: pod_role.map(Into::into),
             service_account_role: sa_role.map(Into::into),
+            service_account_unreadable: false,
             ips: vec![],
             running: true,
             terminating: false,

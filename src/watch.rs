@@ -12,19 +12,31 @@
 //!   and reported as [`Update::Unreachable`]: what the view holds is still true as far as anyone knows,
 //!   but objects created meanwhile are missing from it; [`Update::Reachable`] when a watch stands again.
 //!
+//! - An object the agent cannot decode (a field of an unexpected type: the API server's schema and
+//!   ours disagree) never stops the watch. What can be read of its identity (uid, name, namespace,
+//!   addresses) reaches the consumer as [`Update::Unreadable`] (or in [`Update::Listed`]'s
+//!   `unreadable`), so it can stop trusting what it knew of that object; the watch goes on past it.
+//!   One whose uid or name cannot be read either identifies nothing: in a watch it makes the view
+//!   [`Update::Stale`] and forces a relist, and a list that holds one fails (retried with the backoff)
+//!   until the object is gone or readable.
+//!
 //! It decides nothing about pods or roles; it never spawns.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::{Api, Resource, ResourceExt};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -45,11 +57,24 @@ pub enum Update<K> {
     /// Events were missed (410 Gone): the view is stale in unknown ways until the next [`Update::Listed`].
     Stale,
     /// A complete list; it replaces the view.
-    Listed(Vec<K>),
+    Listed {
+        /// The objects that could be read.
+        items: Vec<K>,
+        /// The objects that could not, each with its identity (uid and name are always present).
+        unreadable: Vec<Unreadable>,
+    },
     /// An object was added or changed.
     Applied(K),
     /// An object was deleted.
     Deleted(K),
+    /// An object was added, changed or deleted, but could not be decoded: whatever was known of it is
+    /// no longer true.
+    Unreadable {
+        /// What could be read of it (uid and name are always present).
+        object: Unreadable,
+        /// Whether the event was a deletion.
+        deleted: bool,
+    },
     /// The API server cannot be reached: the view misses whatever happened since.
     Unreachable,
     /// A watch is established again after [`Update::Unreachable`]; nothing was missed.
@@ -65,6 +90,8 @@ pub enum Relist {
     Gone,
     /// The watch delivered nothing for the idle bound.
     Idle,
+    /// The watch delivered an object that identifies nothing (no readable uid or name).
+    Unreadable,
 }
 
 impl Relist {
@@ -73,6 +100,7 @@ impl Relist {
             Relist::Initial => "initial",
             Relist::Gone => "gone",
             Relist::Idle => "idle",
+            Relist::Unreadable => "unreadable",
         }
     }
 }
@@ -96,13 +124,147 @@ pub fn retry_delay(failures: u32, fraction: f64) -> Duration {
     full - (full / 2).mul_f64(fraction.clamp(0.0, 1.0))
 }
 
+/// What could be read of an object that could not be decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unreadable {
+    /// `metadata.uid`, when it is a string.
+    pub uid: Option<String>,
+    /// `metadata.namespace`, when it is a string.
+    pub namespace: Option<String>,
+    /// `metadata.name`, when it is a string.
+    pub name: Option<String>,
+    /// `metadata.resourceVersion`, when it is a string.
+    pub resource_version: Option<String>,
+    /// The addresses in `status.podIPs[].ip` and `status.podIP` that parse (pods only).
+    pub ips: Vec<IpAddr>,
+    /// Why decoding failed (serde's message, at most [`ERROR_CHARS`] characters).
+    pub error: String,
+}
+
+/// The longest decoding error kept: serde quotes the offending value, which may be long.
+pub const ERROR_CHARS: usize = 160;
+
+impl Unreadable {
+    /// Reads what it can of `value`, an object that failed to decode with `error`.
+    pub fn of(value: &serde_json::Value, error: &str) -> Self {
+        let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
+        let meta = value.get("metadata");
+        let field = |name: &str| text(meta.and_then(|m| m.get(name)));
+        let status = value.get("status");
+        let listed = status
+            .and_then(|s| s.get("podIPs"))
+            .and_then(|ips| ips.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.get("ip"));
+        let single = status.and_then(|s| s.get("podIP"));
+        let mut ips: Vec<IpAddr> = listed
+            .chain(single)
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        Self {
+            uid: field("uid").filter(|u| !u.is_empty()),
+            namespace: field("namespace"),
+            name: field("name").filter(|n| !n.is_empty()),
+            resource_version: field("resourceVersion"),
+            ips,
+            error: error.chars().take(ERROR_CHARS).collect(),
+        }
+    }
+
+    /// Whether the object says which object it is: a uid and a name.
+    pub fn is_identified(&self) -> bool {
+        self.uid.is_some() && self.name.is_some()
+    }
+
+    /// `namespace/name` (or `name`), for logs.
+    pub fn key(&self) -> String {
+        let name = self.name.as_deref().unwrap_or("?");
+        match &self.namespace {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name.to_owned(),
+        }
+    }
+}
+
+/// An object as received: decoded, or what could be read of it. Decoding never fails, so one odd
+/// object cannot fail a list or a watch.
+#[derive(Debug, Clone)]
+enum Lenient<K> {
+    Read(K),
+    Unreadable(Box<(Unreadable, ObjectMeta)>),
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        match K::deserialize(&value) {
+            Ok(object) => Ok(Lenient::Read(object)),
+            Err(error) => {
+                let unreadable = Unreadable::of(&value, &error.to_string());
+                let meta = ObjectMeta {
+                    uid: unreadable.uid.clone(),
+                    name: unreadable.name.clone(),
+                    namespace: unreadable.namespace.clone(),
+                    resource_version: unreadable.resource_version.clone(),
+                    ..ObjectMeta::default()
+                };
+                Ok(Lenient::Unreadable(Box::new((unreadable, meta))))
+            }
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn api_version(dt: &()) -> Cow<'_, str> {
+        K::api_version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Lenient::Read(object) => object.meta(),
+            Lenient::Unreadable(unreadable) => &unreadable.1,
+        }
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Lenient::Read(object) => object.meta_mut(),
+            Lenient::Unreadable(unreadable) => &mut unreadable.1,
+        }
+    }
+}
+
 /// Watch metrics, labelled by resource.
 #[derive(Clone)]
 pub struct Metrics {
     events: IntCounterVec,
     errors: IntCounterVec,
     relists: IntCounterVec,
+    unreadable: IntCounterVec,
     silence: Silence,
+    unreadable_logs: Arc<Mutex<HashMap<&'static str, (Instant, u32)>>>,
 }
 
 impl Metrics {
@@ -129,8 +291,16 @@ impl Metrics {
             ),
             &["resource", "cause"],
         )?;
+        let unreadable = IntCounterVec::new(
+            Opts::new(
+                "imds_broker_watch_unreadable_total",
+                "Objects received that could not be decoded, by resource (each stops being trusted; the watch goes on)",
+            ),
+            &["resource"],
+        )?;
         let silence = Silence::new()?;
         registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(unreadable.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(relists.clone()))?;
         registry.register(Box::new(silence.clone()))?;
@@ -138,10 +308,30 @@ impl Metrics {
             events,
             errors,
             relists,
+            unreadable,
             silence,
+            unreadable_logs: Arc::default(),
         })
     }
+
+    /// Counts an unreadable object, and whether a line about it may be logged: [`UNREADABLE_LOGS`] a
+    /// minute per resource, so a flood of them writes a bounded number of lines.
+    fn unreadable(&self, resource: &'static str) -> bool {
+        self.unreadable.with_label_values(&[resource]).inc();
+        let now = Instant::now();
+        let mut logs = self.unreadable_logs.lock().expect("unreadable log lock poisoned");
+        let (since, lines) = logs.entry(resource).or_insert((now, 0));
+        if now.duration_since(*since) >= Duration::from_secs(60) {
+            *since = now;
+            *lines = 0;
+        }
+        *lines += 1;
+        *lines <= UNREADABLE_LOGS
+    }
 }
+
+/// Lines logged about unreadable objects per resource and minute.
+pub const UNREADABLE_LOGS: u32 = 10;
 
 /// `imds_broker_watch_silence_seconds`: seconds since each watch last heard from the API server (an
 /// event, a bookmark or a list), computed when scraped.
@@ -192,8 +382,8 @@ impl Collector for Silence {
 
 /// One resource's list-then-watch loop.
 pub struct Watch<K> {
-    /// The collection to watch.
-    pub api: Api<K>,
+    /// The API server (all namespaces of `K` are watched).
+    pub client: kube::Client,
     /// The metric label and log name (`pods`, `serviceaccounts`, `namespaces`).
     pub resource: &'static str,
     /// A field selector (`spec.nodeName=<node>`), if any.
@@ -202,6 +392,8 @@ pub struct Watch<K> {
     pub config: Config,
     /// Shared metrics.
     pub metrics: Metrics,
+    /// The object type.
+    pub kind: std::marker::PhantomData<K>,
 }
 
 /// How a watch ended.
@@ -216,23 +408,33 @@ enum End {
 
 impl<K> Watch<K>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     /// Lists and watches into `out` until `shutdown` or until `out` is closed.
     pub async fn run(self, out: mpsc::Sender<Update<K>>, shutdown: CancellationToken) {
         let mut cause = Relist::Initial;
         let mut failures = 0u32;
         let mut reachable = true;
+        // Every series exists from the start, at zero.
+        self.metrics.errors.with_label_values(&[self.resource]);
+        self.metrics.unreadable.with_label_values(&[self.resource]);
         loop {
             self.metrics
                 .relists
                 .with_label_values(&[self.resource, cause.label()])
                 .inc();
-            if cause == Relist::Gone && out.send(Update::Stale).await.is_err() {
+            if matches!(cause, Relist::Gone | Relist::Unreadable) && out.send(Update::Stale).await.is_err() {
                 return;
             }
+            // An object that identifies nothing may well be in the next list too: not in a tight loop.
+            if cause == Relist::Unreadable {
+                failures += 1;
+                if !pause(failures, &shutdown).await {
+                    return;
+                }
+            }
             // List until it works.
-            let (items, mut version) = loop {
+            let (items, unreadable, mut version) = loop {
                 let listed = tokio::select! {
                     () = shutdown.cancelled() => return,
                     listed = self.list() => listed,
@@ -241,8 +443,7 @@ where
                     Ok(listed) => break listed,
                     Err(error) => {
                         failures += 1;
-                        if !self.failed(&out, &mut reachable, &error.to_string(), "list").await
-                            || !pause(failures, &shutdown).await
+                        if !self.failed(&out, &mut reachable, &error, "list").await || !pause(failures, &shutdown).await
                         {
                             return;
                         }
@@ -254,8 +455,8 @@ where
             self.metrics
                 .events
                 .with_label_values(&[self.resource, "listed"])
-                .inc_by(items.len() as u64);
-            if out.send(Update::Listed(items)).await.is_err() {
+                .inc_by((items.len() + unreadable.len()) as u64);
+            if out.send(Update::Listed { items, unreadable }).await.is_err() {
                 return;
             }
             if !reachable {
@@ -285,20 +486,55 @@ where
         }
     }
 
-    /// A complete, paginated list and its resourceVersion.
-    async fn list(&self) -> kube::Result<(Vec<K>, String)> {
+    fn api(&self) -> Api<Lenient<K>> {
+        Api::all(self.client.clone())
+    }
+
+    /// A complete, paginated list (what could be read, what could not) and its resourceVersion. A list
+    /// holding an object that identifies nothing fails: the consumer could not tell what to distrust.
+    async fn list(&self) -> Result<(Vec<K>, Vec<Unreadable>, String), String> {
         let mut params = ListParams::default().limit(self.config.page_size);
         if let Some(fields) = &self.fields {
             params = params.fields(fields);
         }
+        let api = self.api();
         let mut items = Vec::new();
+        let mut unreadable = Vec::new();
         loop {
-            let page = self.api.list(&params).await?;
-            items.extend(page.items);
+            let page = api.list(&params).await.map_err(|e| e.to_string())?;
+            for item in page.items {
+                match item {
+                    Lenient::Read(object) => items.push(object),
+                    Lenient::Unreadable(object) => {
+                        let (object, _) = *object;
+                        self.log_unreadable(&object, "list");
+                        if !object.is_identified() {
+                            return Err(format!(
+                                "the list holds an object with no readable uid or name ({})",
+                                object.error
+                            ));
+                        }
+                        unreadable.push(object);
+                    }
+                }
+            }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params.continue_token = Some(token),
-                None => return Ok((items, page.metadata.resource_version.unwrap_or_default())),
+                None => return Ok((items, unreadable, page.metadata.resource_version.unwrap_or_default())),
             }
+        }
+    }
+
+    fn log_unreadable(&self, object: &Unreadable, during: &str) {
+        if self.metrics.unreadable(self.resource) {
+            tracing::warn!(
+                resource = self.resource,
+                during,
+                object = %object.key(),
+                uid = object.uid.as_deref().unwrap_or("?"),
+                error = %object.error,
+                "cannot decode an object; it is no longer trusted (see imds_broker_watch_unreadable_total)"
+            );
         }
     }
 
@@ -316,7 +552,8 @@ where
             params = params.fields(fields);
         }
         let from = version.clone();
-        let start = self.api.watch(&params, &from);
+        let api = self.api();
+        let start = api.watch(&params, &from);
         let mut start = std::pin::pin!(start);
         let grace = tokio::time::sleep(START_GRACE);
         let mut grace = std::pin::pin!(grace);
@@ -366,13 +603,25 @@ where
                 None => return End::Resume { failed: false },
                 Some(Ok(WatchEvent::Added(object) | WatchEvent::Modified(object))) => {
                     self.count("apply");
-                    *version = object.resource_version().unwrap_or_default();
-                    Update::Applied(object)
+                    advance(version, &object);
+                    match object {
+                        Lenient::Read(object) => Update::Applied(object),
+                        Lenient::Unreadable(object) => match self.unreadable(object.0) {
+                            Some(object) => Update::Unreadable { object, deleted: false },
+                            None => return End::Relist(Relist::Unreadable),
+                        },
+                    }
                 }
                 Some(Ok(WatchEvent::Deleted(object))) => {
                     self.count("delete");
-                    *version = object.resource_version().unwrap_or_default();
-                    Update::Deleted(object)
+                    advance(version, &object);
+                    match object {
+                        Lenient::Read(object) => Update::Deleted(object),
+                        Lenient::Unreadable(object) => match self.unreadable(object.0) {
+                            Some(object) => Update::Unreadable { object, deleted: true },
+                            None => return End::Relist(Relist::Unreadable),
+                        },
+                    }
                 }
                 Some(Ok(WatchEvent::Bookmark(bookmark))) => {
                     self.count("bookmark");
@@ -404,6 +653,19 @@ where
                 return End::Stop;
             }
         }
+    }
+
+    /// Logs an unreadable object of the watch; `None` when it identifies nothing (relist).
+    fn unreadable(&self, object: Unreadable) -> Option<Unreadable> {
+        self.log_unreadable(&object, "watch");
+        if object.is_identified() {
+            return Some(object);
+        }
+        tracing::warn!(
+            resource = self.resource,
+            "an unreadable object identifies nothing: refusing credentials until a relist completes"
+        );
+        None
     }
 
     fn gone(&self) -> End {
@@ -438,6 +700,14 @@ where
     }
 }
 
+/// Resumes later watches after `object`; one without a resourceVersion (unreadable) leaves it as it
+/// was, since an empty one would ask the API server for "any" version.
+fn advance<K: Resource>(version: &mut String, object: &K) {
+    if let Some(seen) = object.resource_version().filter(|v| !v.is_empty()) {
+        *version = seen;
+    }
+}
+
 /// Sleeps the retry delay; false on shutdown.
 async fn pause(failures: u32, shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -449,6 +719,48 @@ async fn pause(failures: u32, shutdown: &CancellationToken) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+
+    #[test]
+    fn an_object_that_does_not_decode_is_kept_as_what_can_be_read_of_it() {
+        let text = r#"{"metadata":{"name":"p","namespace":"ns","uid":"u1","resourceVersion":"7","labels":[]},
+            "status":{"podIPs":[{"ip":"10.0.0.1"},{"ip":42},{"ip":"bad"}],"podIP":"10.0.0.1"}}"#;
+        let Lenient::<Pod>::Unreadable(object) = serde_json::from_str(text).unwrap() else {
+            panic!("decoded")
+        };
+        let (unreadable, meta) = *object;
+        assert!(unreadable.is_identified());
+        assert_eq!(unreadable.key(), "ns/p");
+        assert_eq!(unreadable.ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            meta.resource_version.as_deref(),
+            Some("7"),
+            "the watch resumes after it"
+        );
+        assert!(!unreadable.error.is_empty() && unreadable.error.chars().count() <= ERROR_CHARS);
+
+        let nameless = r#"{"metadata":"p","status":{"podIP":"10.0.0.1"}}"#;
+        let Lenient::<Pod>::Unreadable(object) = serde_json::from_str(nameless).unwrap() else {
+            panic!("decoded")
+        };
+        assert!(!object.0.is_identified());
+
+        let fine = r#"{"metadata":{"name":"p","uid":"u1"},"status":{"podIP":"10.0.0.1"}}"#;
+        assert!(matches!(
+            serde_json::from_str::<Lenient<Pod>>(fine).unwrap(),
+            Lenient::Read(_)
+        ));
+    }
+
+    #[test]
+    fn a_long_decoding_error_is_cut_short() {
+        let huge = "x".repeat(10_000);
+        let text = format!(r#"{{"metadata":{{"name":"p","uid":"u","annotations":{{"a":["{huge}"]}}}}}}"#);
+        let Lenient::<Pod>::Unreadable(object) = serde_json::from_str(&text).unwrap() else {
+            panic!("decoded")
+        };
+        assert!(object.0.error.chars().count() <= ERROR_CHARS);
+    }
 
     #[test]
     fn retries_start_fast_and_never_wait_more_than_five_seconds() {

@@ -175,6 +175,8 @@ pub struct Workload {
     pub pod_role: Option<String>,
     /// The service account's `eks.amazonaws.com/role-arn` annotation, verbatim, as last seen.
     pub service_account_role: Option<String>,
+    /// The service account exists but could not be decoded: whether it names a role is unknown.
+    pub service_account_unreadable: bool,
     /// `status.podIPs`.
     pub ips: Vec<IpAddr>,
     /// `status.phase == Running`.

@@ -71,6 +71,7 @@ fn resolve(value: &str) {
         service_account: "sa".into(),
         pod_role: pod.map(str::to_owned),
         service_account_role: sa.map(str::to_owned),
+        service_account_unreadable: false,
         ips: Vec::new(),
         running: true,
         terminating: false,

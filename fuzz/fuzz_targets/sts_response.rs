@@ -75,6 +75,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
             service_account: "default".into(),
             pod_role: None,
             service_account_role: None,
+            service_account_unreadable: false,
             ips: Vec::new(),
             running: true,
             terminating: false,

@@ -5,8 +5,9 @@
 //! the index, keeps the store's [`super::View`] true, and forwards the resulting changes. It never
 //! decides roles.
 
+use std::marker::PhantomData;
+
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::Api;
 use prometheus::{IntGauge, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -63,18 +64,20 @@ impl Watcher {
         let (pods_tx, mut pods) = mpsc::channel(256);
         let (accounts_tx, mut accounts) = mpsc::channel(256);
         let pod_watch = watch::Watch {
-            api: Api::<Pod>::all(self.client.clone()),
+            client: self.client.clone(),
             resource: "pods",
             fields: Some(format!("spec.nodeName={}", self.node_name)),
             config: self.watch_config.clone(),
             metrics: self.watch_metrics.clone(),
+            kind: PhantomData::<Pod>,
         };
         let account_watch = watch::Watch {
-            api: Api::<ServiceAccount>::all(self.client.clone()),
+            client: self.client.clone(),
             resource: "serviceaccounts",
             fields: None,
             config: self.watch_config.clone(),
             metrics: self.watch_metrics.clone(),
+            kind: PhantomData::<ServiceAccount>,
         };
         let apply = async {
             let mut whole = false;
@@ -120,12 +123,14 @@ impl Watcher {
         let store = &self.store;
         match update {
             Update::Stale => {
-                tracing::warn!("pod events were missed (410 Gone): refusing credentials until the relist completes");
+                tracing::warn!(
+                    "pod events were missed (410 Gone) or unreadable: refusing credentials until the relist completes"
+                );
                 store.set_view(|v| v.pods = false);
                 Vec::new()
             }
-            Update::Listed(pods) => {
-                let changes = store.write(|i| i.replace_pods(&pods));
+            Update::Listed { items, unreadable } => {
+                let changes = store.write(|i| i.replace_pods(&items, &unreadable));
                 store.set_view(|v| {
                     v.pods = true;
                     v.reachable = true;
@@ -134,6 +139,12 @@ impl Watcher {
             }
             Update::Applied(pod) => store.write(|i| i.apply_pod(&pod)).into_iter().collect(),
             Update::Deleted(pod) => store.write(|i| i.delete_pod(&pod)).into_iter().collect(),
+            Update::Unreadable { object, deleted: false } => {
+                store.write(|i| i.distrust_pod(&object)).into_iter().collect()
+            }
+            Update::Unreadable { object, deleted: true } => {
+                store.write(|i| i.delete_unreadable_pod(&object)).into_iter().collect()
+            }
             Update::Unreachable => {
                 store.set_view(|v| v.reachable = false);
                 Vec::new()
@@ -150,18 +161,19 @@ impl Watcher {
         match update {
             Update::Stale => {
                 tracing::warn!(
-                    "service-account events were missed (410 Gone): refusing credentials until the relist completes"
+                    "service-account events were missed (410 Gone) or unreadable: refusing credentials until the relist completes"
                 );
                 store.set_view(|v| v.service_accounts = false);
                 Vec::new()
             }
-            Update::Listed(accounts) => {
-                let changes = store.write(|i| i.replace_service_accounts(&accounts));
+            Update::Listed { items, unreadable } => {
+                let changes = store.write(|i| i.replace_service_accounts(&items, &unreadable));
                 store.set_view(|v| v.service_accounts = true);
                 changes
             }
             Update::Applied(account) => store.write(|i| i.apply_service_account(&account)),
             Update::Deleted(account) => store.write(|i| i.delete_service_account(&account)),
+            Update::Unreadable { object, deleted } => store.write(|i| i.distrust_service_account(&object, deleted)),
             // Known service accounts stay true; pods are what an unreachable API server hides.
             Update::Unreachable | Update::Reachable => Vec::new(),
         }

@@ -279,6 +279,10 @@ impl Handler {
                 tracing::debug!(pod = %workload.key(), "pod has no role");
                 Err(Failure::NotFound)
             }
+            Err(error @ crate::roles::Error::UnreadableServiceAccount { .. }) => {
+                refusal!(self, "unsynced", warn, pod = %workload.key(), %error, "refusing credentials until the service account can be read");
+                Err(Failure::Unsynced)
+            }
             Err(error) => {
                 refusal!(self, "invalid_role", warn, pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
                 Err(Failure::InvalidRole)

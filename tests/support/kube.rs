@@ -416,6 +416,13 @@ impl FakeKube {
         self.shared.write(|st| st.insert_raw(kind, object))
     }
 
+    /// Replaces the stored object `namespace/name` of `kind` with `object` verbatim (only its
+    /// `metadata.resourceVersion` is set, when `metadata` is an object), as a Modified event: an
+    /// object that changed into something the agent cannot decode.
+    pub fn replace_raw(&self, kind: Kind, namespace: &str, name: &str, object: Value) {
+        self.shared.write(|st| st.replace_raw(kind, namespace, name, object));
+    }
+
     /// Deletes an object of `kind`.
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
         self.shared
@@ -969,6 +976,25 @@ impl State {
         };
         self.record(kind, event, existing, stored.clone());
         stored
+    }
+
+    fn replace_raw(&mut self, kind: Kind, namespace: &str, name: &str, mut obj: Value) {
+        let existing = self.get(kind, namespace, name).cloned();
+        let rv = self.next_rv();
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+        }
+        let stored = Arc::new(obj);
+        self.objects
+            .entry(kind)
+            .or_default()
+            .insert((namespace.to_owned(), name.to_owned()), stored.clone());
+        let event = if existing.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        self.record(kind, event, existing, stored);
     }
 
     fn insert_raw(&mut self, kind: Kind, obj: Value) -> String {

@@ -11,7 +11,10 @@
 //!   IP answers [`Lookup::Pending`], never the pod, until its status says it runs again or it is gone;
 //! - when two live pods claim one IP, that IP resolves to nobody until it is unambiguous again;
 //! - a terminating pod whose containers still run keeps its IP (graceful shutdown needs credentials)
-//!   until a live pod claims it.
+//!   until a live pod claims it;
+//! - a pod the watch could not decode is held too, on every address it was known by or still names,
+//!   until it can be read again or is gone; the pods of a service account that could not be decoded
+//!   are marked so (their role is unknown, and no weaker source stands in for it).
 //!
 //! No I/O and no clock: `watch` feeds it, tests drive it directly; the node's boot time is given.
 
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, ServiceAccount};
 
 use crate::roles::{POD_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION};
+use crate::watch::Unreadable;
 use crate::workload::Workload;
 
 /// What a caller's IP resolves to.
@@ -73,6 +77,8 @@ pub struct Index {
     by_ip: HashMap<IpAddr, Vec<String>>,
     /// (namespace, name) → value of the IRSA annotation.
     service_accounts: HashMap<(String, String), Option<String>>,
+    /// (namespace, name) of service accounts that exist but could not be decoded.
+    unreadable_accounts: HashSet<(String, String)>,
     /// The node's boot time in Unix seconds, when known.
     boot_time: Option<i64>,
 }
@@ -115,6 +121,7 @@ pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Wo
             .unwrap_or_else(|| "default".to_owned()),
         pod_role: annotation(&meta.annotations, POD_ANNOTATION),
         service_account_role,
+        service_account_unreadable: false,
         ips,
         running: phase == Some("Running"),
         terminating: meta.deletion_timestamp.is_some(),
@@ -235,8 +242,12 @@ impl Index {
     /// Applies an added or modified pod.
     pub fn apply_pod(&mut self, pod: &Pod) -> Option<Change> {
         let uid = pod.metadata.uid.clone()?;
-        let sa_role = self.service_account_role_for(pod);
-        match workload_of(pod, sa_role) {
+        let (sa_role, sa_unreadable) = self.service_account_role_for(pod);
+        let workload = workload_of(pod, sa_role).map(|w| Workload {
+            service_account_unreadable: sa_unreadable,
+            ..w
+        });
+        match workload {
             Some(workload) => match hold_of(pod, self.boot_time) {
                 None => Some(self.upsert(workload)),
                 Some(_) => self.hold(workload),
@@ -250,10 +261,42 @@ impl Index {
         self.remove(pod.metadata.uid.as_deref()?)
     }
 
-    /// Replaces every pod with a fresh list (after a relist), returning what changed.
-    pub fn replace_pods<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Change> {
+    /// Stops trusting what is known of a pod that could not be decoded (added, changed or listed):
+    /// it is held on the addresses it was known by and those it still names, so they answer
+    /// [`Lookup::Pending`] until the pod can be read again or is deleted. A change only if it was
+    /// served; `None` too when the object has no uid.
+    pub fn distrust_pod(&mut self, pod: &Unreadable) -> Option<Change> {
+        let uid = pod.uid.as_deref()?;
+        let mut ips = pod.ips.clone();
+        let was_served = self.forget_keeping_addresses(uid, &mut ips);
+        self.link(uid, &ips);
+        self.held.insert(uid.to_owned(), ips);
+        was_served.map(|old| Change::Removed {
+            uid: uid.to_owned(),
+            key: old.key(),
+        })
+    }
+
+    /// Applies the deletion of a pod that could not be decoded.
+    pub fn delete_unreadable_pod(&mut self, pod: &Unreadable) -> Option<Change> {
+        self.remove(pod.uid.as_deref()?)
+    }
+
+    /// Replaces every pod with a fresh list (after a relist), returning what changed: the pods that
+    /// could be read, and those that could not (held, see [`Index::distrust_pod`]).
+    pub fn replace_pods<'a>(
+        &mut self,
+        pods: impl IntoIterator<Item = &'a Pod>,
+        unreadable: &[Unreadable],
+    ) -> Vec<Change> {
         let mut seen = HashSet::new();
         let mut changes = Vec::new();
+        for pod in unreadable {
+            if let Some(uid) = &pod.uid {
+                seen.insert(uid.clone());
+            }
+            changes.extend(self.distrust_pod(pod));
+        }
         for pod in pods {
             if let Some(uid) = &pod.metadata.uid {
                 seen.insert(uid.clone());
@@ -282,67 +325,99 @@ impl Index {
         let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
         let name = sa.metadata.name.as_deref().unwrap_or_default();
         let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
-        self.set_service_account_role(namespace, name, role, true)
+        self.set_service_account(namespace, name, Account::Annotated(role))
     }
 
     /// Forgets a deleted service account.
     pub fn delete_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
         let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
         let name = sa.metadata.name.as_deref().unwrap_or_default();
-        self.set_service_account_role(namespace, name, None, false)
+        self.set_service_account(namespace, name, Account::Absent)
     }
 
-    /// Replaces every service account with a fresh list.
+    /// Records that a service account exists but could not be decoded (added, changed or listed), or,
+    /// with `deleted`, that it is gone. `None` changes when it has no name.
+    pub fn distrust_service_account(&mut self, sa: &Unreadable, deleted: bool) -> Vec<Change> {
+        let Some(name) = sa.name.as_deref() else {
+            return Vec::new();
+        };
+        let namespace = sa.namespace.as_deref().unwrap_or_default();
+        let account = if deleted { Account::Absent } else { Account::Unreadable };
+        self.set_service_account(namespace, name, account)
+    }
+
+    /// Replaces every service account with a fresh list: those that could be read and those that
+    /// could not.
     pub fn replace_service_accounts<'a>(
         &mut self,
         accounts: impl IntoIterator<Item = &'a ServiceAccount>,
+        unreadable: &[Unreadable],
     ) -> Vec<Change> {
-        let mut fresh: HashMap<(String, String), Option<String>> = HashMap::new();
+        let mut fresh: HashMap<(String, String), Account> = HashMap::new();
         for sa in accounts {
             let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
             let name = sa.metadata.name.as_deref().unwrap_or_default();
             let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
-            fresh.insert(sa_key(namespace, name), role);
+            fresh.insert(sa_key(namespace, name), Account::Annotated(role));
+        }
+        for sa in unreadable {
+            if let Some(name) = sa.name.as_deref() {
+                let namespace = sa.namespace.as_deref().unwrap_or_default();
+                fresh.insert(sa_key(namespace, name), Account::Unreadable);
+            }
         }
         let stale: Vec<(String, String)> = self
             .service_accounts
             .keys()
+            .chain(self.unreadable_accounts.iter())
             .filter(|k| !fresh.contains_key(*k))
             .cloned()
             .collect();
         let mut changes = Vec::new();
         for (ns, name) in stale {
-            changes.extend(self.set_service_account_role(&ns, &name, None, false));
+            changes.extend(self.set_service_account(&ns, &name, Account::Absent));
         }
-        for ((ns, name), role) in fresh {
-            changes.extend(self.set_service_account_role(&ns, &name, role, true));
+        for ((ns, name), account) in fresh {
+            changes.extend(self.set_service_account(&ns, &name, account));
         }
         changes
     }
 
-    fn set_service_account_role(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        role: Option<String>,
-        exists: bool,
-    ) -> Vec<Change> {
-        if exists {
-            self.service_accounts.insert(sa_key(namespace, name), role.clone());
-        } else {
-            self.service_accounts.remove(&sa_key(namespace, name));
-        }
+    fn set_service_account(&mut self, namespace: &str, name: &str, account: Account) -> Vec<Change> {
+        let key = sa_key(namespace, name);
+        let unreadable = account == Account::Unreadable;
+        let role = match account {
+            Account::Annotated(role) => {
+                self.unreadable_accounts.remove(&key);
+                self.service_accounts.insert(key, role.clone());
+                role
+            }
+            Account::Unreadable => {
+                self.service_accounts.remove(&key);
+                self.unreadable_accounts.insert(key);
+                None
+            }
+            Account::Absent => {
+                self.service_accounts.remove(&key);
+                self.unreadable_accounts.remove(&key);
+                None
+            }
+        };
         self.pods
             .values_mut()
-            .filter(|w| w.namespace == namespace && w.service_account == name && w.service_account_role != role)
+            .filter(|w| w.namespace == namespace && w.service_account == name)
+            .filter(|w| w.service_account_role != role || w.service_account_unreadable != unreadable)
             .map(|w| {
-                Arc::make_mut(w).service_account_role = role.clone();
-                Change::Upserted((**w).clone())
+                let w = Arc::make_mut(w);
+                w.service_account_role = role.clone();
+                w.service_account_unreadable = unreadable;
+                Change::Upserted(w.clone())
             })
             .collect()
     }
 
-    fn service_account_role_for(&self, pod: &Pod) -> Option<String> {
+    /// The role annotation of the pod's service account, and whether that account is unreadable.
+    fn service_account_role_for(&self, pod: &Pod) -> (Option<String>, bool) {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
         let name = pod
             .spec
@@ -350,7 +425,11 @@ impl Index {
             .and_then(|s| s.service_account_name.as_deref())
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
-        self.service_accounts.get(&sa_key(namespace, name)).cloned().flatten()
+        let key = sa_key(namespace, name);
+        (
+            self.service_accounts.get(&key).cloned().flatten(),
+            self.unreadable_accounts.contains(&key),
+        )
     }
 
     fn upsert(&mut self, workload: Workload) -> Change {
@@ -378,6 +457,18 @@ impl Index {
             uid: uid.to_owned(),
             key: old.key(),
         })
+    }
+
+    /// Like [`Index::forget`], adding the addresses it was known by to `ips`.
+    fn forget_keeping_addresses(&mut self, uid: &str, ips: &mut Vec<IpAddr>) -> Option<Arc<Workload>> {
+        let held = self.held.get(uid).cloned().unwrap_or_default();
+        let served = self.pods.get(uid).map(|w| w.ips.clone()).unwrap_or_default();
+        for ip in held.into_iter().chain(served) {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        self.forget(uid)
     }
 
     /// Drops `uid` from every map, returning its served workload if it had one.
@@ -409,6 +500,17 @@ impl Index {
             }
         }
     }
+}
+
+/// What the index knows of a service account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Account {
+    /// Read, with its role annotation if any.
+    Annotated(Option<String>),
+    /// It exists, but could not be decoded.
+    Unreadable,
+    /// Deleted, or never seen.
+    Absent,
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ fn a_relist_removes_pods_that_vanished_while_disconnected() {
     let a = pod("a", "uid-a", &["10.0.0.1"], None);
     index.apply_pod(&a);
     index.apply_pod(&pod("b", "uid-b", &["10.0.0.2"], None));
-    let changes = index.replace_pods([&a]);
+    let changes = index.replace_pods([&a], &[]);
     assert_eq!(
         changes,
         vec![Change::Removed {
@@ -275,7 +275,7 @@ fn after_a_reboot_pods_are_held_until_their_status_is_republished() {
     // Before the reboot A had .1 and B had .2; the API still says so, but both started before boot.
     let a = with_container(pod("a", "uid-a", &["10.0.0.1"], Some("ra")), true, BOOT - 600, 0);
     let b = with_container(pod("b", "uid-b", &["10.0.0.2"], Some("rb")), true, BOOT - 600, 0);
-    index.replace_pods([&a, &b]);
+    index.replace_pods([&a, &b], &[]);
     assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
     assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Pending);
     // The kubelet republishes B with A's old address: B is served there, A's stale claim is not.
@@ -297,3 +297,87 @@ fn a_pod_without_container_statuses_is_not_held() {
 }
 
 mod model;
+
+fn unreadable(name: &str, uid: &str, ips: &[&str]) -> Unreadable {
+    Unreadable {
+        uid: Some(uid.into()),
+        namespace: Some("ns".into()),
+        name: Some(name.into()),
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        ..Unreadable::default()
+    }
+}
+
+#[test]
+fn a_pod_that_cannot_be_read_any_more_is_held_on_every_address_it_was_known_by() {
+    let mut index = Index::new();
+    index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], Some("r")));
+    // Its addresses are among what could not be read.
+    let change = index.distrust_pod(&unreadable("a", "uid-a", &[]));
+    assert!(matches!(change, Some(Change::Removed { ref uid, .. }) if uid == "uid-a"));
+    assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
+    assert_eq!(index.sizes(), (0, 1, 1));
+    // Changed again, still unreadable, now naming another address too: both are held.
+    assert_eq!(index.distrust_pod(&unreadable("a", "uid-a", &["10.0.0.2"])), None);
+    assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
+    assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Pending);
+    // Readable again, it is what it says.
+    index.apply_pod(&pod("a", "uid-a", &["10.0.0.2"], Some("r")));
+    assert_eq!(found_uid(&index, "10.0.0.2").as_deref(), Some("uid-a"));
+    assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Unknown);
+    // An unreadable deletion removes it.
+    index.delete_unreadable_pod(&unreadable("a", "uid-a", &[]));
+    assert_eq!(index.sizes(), (0, 0, 0));
+}
+
+#[test]
+fn a_relist_holds_the_pods_it_cannot_read_and_drops_the_ones_it_no_longer_lists() {
+    let mut index = Index::new();
+    index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+    index.apply_pod(&pod("b", "uid-b", &["10.0.0.2"], None));
+    let changes = index.replace_pods([], &[unreadable("a", "uid-a", &[])]);
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Pending);
+    assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Unknown);
+    // A live pod that claims a held address gets it (the CNI gave it away).
+    index.apply_pod(&pod("c", "uid-c", &["10.0.0.1"], None));
+    assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-c"));
+}
+
+#[test]
+fn an_unreadable_service_account_marks_its_pods_until_it_is_read_or_deleted() {
+    let mut index = Index::new();
+    index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+    let marked = |index: &Index| match index.lookup(ip("10.0.0.1")) {
+        Lookup::Found(w) => (w.service_account_unreadable, w.service_account_role.clone()),
+        other => panic!("{other:?}"),
+    };
+    let account = |role: Option<&str>| ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("sa".into()),
+            namespace: Some("ns".into()),
+            annotations: role.map(|r| BTreeMap::from([(SERVICE_ACCOUNT_ANNOTATION.to_owned(), r.to_owned())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    index.apply_service_account(&account(Some("arn:aws:iam::111111111111:role/x")));
+    let changes = index.distrust_service_account(&unreadable("sa", "uid-sa", &[]), false);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(marked(&index), (true, None));
+    // A pod created meanwhile under it is marked too.
+    index.apply_pod(&pod("b", "uid-b", &["10.0.0.2"], None));
+    assert!(matches!(index.lookup(ip("10.0.0.2")), Lookup::Found(w) if w.service_account_unreadable));
+    index.apply_service_account(&account(None));
+    assert_eq!(marked(&index), (false, None));
+    index.replace_service_accounts([], &[unreadable("sa", "uid-sa", &[])]);
+    assert_eq!(marked(&index), (true, None));
+    index.distrust_service_account(&unreadable("sa", "uid-sa", &[]), true);
+    assert_eq!(
+        marked(&index),
+        (false, None),
+        "deleted: the pod has no account role at all"
+    );
+    index.replace_service_accounts([&account(Some("arn:aws:iam::111111111111:role/y"))], &[]);
+    assert_eq!(marked(&index), (false, Some("arn:aws:iam::111111111111:role/y".into())));
+}

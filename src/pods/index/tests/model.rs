@@ -14,6 +14,8 @@ struct Spec {
     host_network: bool,
     /// None: no container status; Some((running, started before boot)).
     container: Option<(bool, bool)>,
+    /// False: the object could not be decoded; only its uid and addresses are read.
+    readable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -31,15 +33,19 @@ fn spec() -> impl Strategy<Value = Spec> {
         any::<bool>(),
         proptest::bool::weighted(0.1),
         proptest::option::of((any::<bool>(), proptest::bool::weighted(0.3))),
+        proptest::bool::weighted(0.85),
     )
-        .prop_map(|(uid, ips, phase, terminating, host_network, container)| Spec {
-            uid,
-            ips,
-            phase,
-            terminating,
-            host_network,
-            container,
-        })
+        .prop_map(
+            |(uid, ips, phase, terminating, host_network, container, readable)| Spec {
+                uid,
+                ips,
+                phase,
+                terminating,
+                host_network,
+                container,
+                readable,
+            },
+        )
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -48,6 +54,15 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..5usize).prop_map(Step::Delete),
         1 => proptest::collection::vec(spec(), 0..4).prop_map(Step::Relist),
     ]
+}
+
+fn unreadable(s: &Spec) -> Unreadable {
+    Unreadable {
+        uid: Some(format!("uid-{}", s.uid)),
+        name: Some(format!("p{}", s.uid)),
+        ips: s.ips.iter().map(|i| ip(IPS[*i])).collect(),
+        ..Unreadable::default()
+    }
 }
 
 fn build(s: &Spec) -> Pod {
@@ -71,7 +86,8 @@ fn build(s: &Spec) -> Pod {
 /// anything else (nobody, ambiguous, held).
 fn expected(pods: &HashMap<usize, Spec>, ip: usize) -> Option<String> {
     let claim = |s: &&Spec| {
-        s.ips.contains(&ip)
+        s.readable
+            && s.ips.contains(&ip)
             && !s.host_network
             && !matches!(s.phase, "Succeeded" | "Failed")
             && s.container.is_none_or(|(running, before_boot)| running && !before_boot)
@@ -93,15 +109,20 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(10_000))]
 
     /// Whatever the order of events, the index answers exactly one pod for an address only when
-    /// the model does, and the same pod; it never answers a pod that is gone, held or contested.
+    /// the model does, and the same pod; it never answers a pod that is gone, held, contested or
+    /// unreadable.
     #[test]
     fn the_index_agrees_with_the_model_after_every_event(steps in proptest::collection::vec(step(), 1..24)) {
         let mut index = Index::with_boot_time(Some(BOOT));
         let mut model: HashMap<usize, Spec> = HashMap::new();
         for step in steps {
             match step {
-                Step::Apply(s) => {
+                Step::Apply(s) if s.readable => {
                     index.apply_pod(&build(&s));
+                    model.insert(s.uid, s);
+                }
+                Step::Apply(s) => {
+                    index.distrust_pod(&unreadable(&s));
                     model.insert(s.uid, s);
                 }
                 Step::Delete(uid) => {
@@ -117,8 +138,10 @@ proptest! {
                         model.insert(s.uid, s.clone());
                     }
                     // A list holds each object once: the last spec of a UID wins in both.
-                    let pods: Vec<Pod> = model.values().map(build).collect();
-                    index.replace_pods(&pods);
+                    let pods: Vec<Pod> = model.values().filter(|s| s.readable).map(build).collect();
+                    let unreadable: Vec<Unreadable> =
+                        model.values().filter(|s| !s.readable).map(unreadable).collect();
+                    index.replace_pods(&pods, &unreadable);
                 }
             }
             for (i, addr) in IPS.iter().enumerate() {
