@@ -27,12 +27,14 @@
 //! - [`watch`]: the list-then-watch loop under both watchers (410, idle watches, capped retries);
 //! - [`netfilter`]: the iptables rules that bring pods' metadata traffic to this agent;
 //! - [`node_taint`]: takes the node's startup taint off once the agent is ready;
+//! - [`federation`]: the `oidc` and `trust-policy` commands (issuer documents, IAM trust policies);
 //! - [`workload`]: the shared vocabulary.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod config;
 pub mod credentials;
+pub mod federation;
 pub mod metadata;
 pub mod metrics;
 pub mod namespaces;

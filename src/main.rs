@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use imds_broker::app::App;
-use imds_broker::config::{Cli, Command, IptablesAction};
+use imds_broker::config::{Cli, Command, IptablesAction, OidcAction, OidcExportArgs, TrustPolicyArgs};
+use imds_broker::federation::{oidc, trust_policy};
 use imds_broker::{netfilter, shutdown, telemetry};
 
 /// Exit code for a configuration the agent cannot run with (sysexits' EX_USAGE).
@@ -113,9 +114,84 @@ fn harden() {
     }
 }
 
+/// `trust-policy`: prints the policy (or the provider's ARN).
+fn print_trust_policy(args: &TrustPolicyArgs) -> ExitCode {
+    let request = args.request();
+    let printed = if args.provider_arn {
+        trust_policy::provider_arn(&request)
+    } else {
+        trust_policy::policy(&request).map(|policy| serde_json::to_string_pretty(&policy).unwrap_or_default())
+    };
+    match printed {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("imds-broker: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `oidc export`: writes the documents for publication, or checks a published copy (exit 1 when it
+/// differs, 2 when something could not be read or written).
+fn oidc_export(args: &OidcExportArgs) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let result = runtime.block_on(async {
+        let kube_config = kube::Config::infer()
+            .await
+            .map_err(|e| anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?;
+        let client = imds_broker::app::kube_client(kube_config)
+            .map_err(|e| anyhow::anyhow!("cannot build the Kubernetes client: {e}"))?;
+        let live = oidc::live(&client).await?;
+        if let Some(location) = &args.check {
+            let drift = oidc::drift(&live, &oidc::published(location).await?);
+            if drift.is_empty() {
+                println!(
+                    "imds-broker: {location} matches the API server ({} keys)",
+                    live.keys().len()
+                );
+                return anyhow::Ok(true);
+            }
+            eprint!("imds-broker: {location} differs from the API server:\n{drift}");
+            return Ok(false);
+        }
+        let (Some(issuer_url), Some(out)) = (&args.issuer_url, &args.out) else {
+            anyhow::bail!("--issuer-url and --out are required without --check");
+        };
+        let documents = oidc::for_publication(&live, issuer_url)?;
+        for path in oidc::write(&documents, out)? {
+            println!("imds-broker: wrote {}", path.display());
+        }
+        println!(
+            "imds-broker: {} keys; publish {} so that {issuer_url}/{} and {issuer_url}/{} are served",
+            live.keys().len(),
+            out.display(),
+            oidc::DISCOVERY_PATH,
+            oidc::JWKS_PATH
+        );
+        Ok(true)
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("imds-broker: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Runs a maintenance command.
 fn maintenance(command: Command) -> ExitCode {
     match command {
+        Command::TrustPolicy(args) => print_trust_policy(&args),
+        Command::Oidc {
+            action: OidcAction::Export(args),
+        } => oidc_export(&args),
         Command::Iptables {
             action: IptablesAction::Reconcile(args),
         } => reconcile(&args),

@@ -68,7 +68,8 @@ pub struct RoleArn {
     name_at: usize,
 }
 
-const PARTITIONS: &[&str] = &[
+/// The AWS partitions an ARN may name.
+pub const PARTITIONS: &[&str] = &[
     "aws",
     "aws-cn",
     "aws-us-gov",

@@ -11,6 +11,7 @@ mod admin;
 mod churn;
 mod doubles_selftest;
 mod faults;
+mod federation;
 mod logging;
 mod malformed;
 mod metadata;

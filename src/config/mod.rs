@@ -36,6 +36,99 @@ pub enum Command {
         #[command(subcommand)]
         action: IptablesAction,
     },
+    /// The cluster's service-account issuer documents, for IAM's OIDC provider.
+    Oidc {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: OidcAction,
+    },
+    /// Print the IAM trust policy that lets one service account (or SPIFFE ID) assume a role.
+    TrustPolicy(TrustPolicyArgs),
+}
+
+/// What to do with the issuer documents.
+#[derive(Debug, clap::Subcommand)]
+pub enum OidcAction {
+    /// Write the API server's discovery document and key set laid out for static hosting (S3, any
+    /// HTTPS server), or with --check compare a published copy with the live keys.
+    Export(OidcExportArgs),
+}
+
+/// `oidc export`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct OidcExportArgs {
+    /// The public URL the documents are published at; the API server's --service-account-issuer must
+    /// be exactly this URL.
+    #[arg(long, required_unless_present = "check")]
+    pub issuer_url: Option<String>,
+
+    /// The directory to write (DIR/.well-known/openid-configuration and DIR/openid/v1/jwks).
+    #[arg(long, required_unless_present = "check", conflicts_with = "check")]
+    pub out: Option<std::path::PathBuf>,
+
+    /// Compare the copy published at this URL (or in this directory, same layout) with the live keys;
+    /// exit 1 naming the missing, extra or changed key ids when they differ.
+    #[arg(long, value_name = "URL|DIR")]
+    pub check: Option<String>,
+}
+
+/// `trust-policy`'s flags.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("subject").required(true).args(["service_account", "spiffe_id"])))]
+pub struct TrustPolicyArgs {
+    /// The issuer URL exactly as in the tokens' `iss` (https://…): the API server's
+    /// --service-account-issuer, or SPIRE's OIDC discovery provider.
+    #[arg(long)]
+    pub issuer: String,
+
+    /// The AWS account holding the OIDC provider.
+    #[arg(long)]
+    pub account: String,
+
+    /// The service account's namespace ('*' and '?' are IAM wildcards).
+    #[arg(long, requires = "service_account", conflicts_with = "spiffe_id")]
+    pub namespace: Option<String>,
+
+    /// The service account ('*' and '?' are IAM wildcards).
+    #[arg(long, requires = "namespace")]
+    pub service_account: Option<String>,
+
+    /// A SPIFFE ID instead of a service account (spiffe://<trust domain>/<path>).
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+
+    /// The tokens' audience.
+    #[arg(long, default_value = "sts.amazonaws.com")]
+    pub audience: String,
+
+    /// The AWS partition.
+    #[arg(long, default_value = "aws")]
+    pub partition: String,
+
+    /// Print only the OIDC provider's ARN.
+    #[arg(long)]
+    pub provider_arn: bool,
+}
+
+impl TrustPolicyArgs {
+    /// The policy request these flags describe.
+    pub fn request(&self) -> crate::federation::trust_policy::Request {
+        use crate::federation::trust_policy::{Request, Subject};
+        let subject = match (&self.spiffe_id, &self.namespace, &self.service_account) {
+            (Some(id), _, _) => Subject::Spiffe(id.clone()),
+            (None, namespace, name) => Subject::ServiceAccount {
+                namespace: namespace.clone().unwrap_or_default(),
+                name: name.clone().unwrap_or_default(),
+            },
+        };
+        Request {
+            issuer: self.issuer.clone(),
+            subject,
+            audience: self.audience.clone(),
+            account: self.account.clone(),
+            partition: self.partition.clone(),
+        }
+    }
 }
 
 /// What to do with the iptables rules.

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::jwt::{self, Verifier, VerifyError};
+use super::jwt::{self, Claims, Verifier, VerifyError};
 
 /// The STS XML namespace.
 const XMLNS: &str = "https://sts.amazonaws.com/doc/2011-06-15/";
@@ -85,6 +85,7 @@ struct StsState {
     trusted: HashSet<(String, String)>,
     trusted_any: HashSet<String>,
     trust_all: bool,
+    policies: HashMap<String, Value>,
     latency: Duration,
     failure: Option<(u16, String)>,
     fail_next: VecDeque<(u16, String)>,
@@ -198,6 +199,7 @@ impl FakeSts {
                 trusted: HashSet::new(),
                 trusted_any: HashSet::new(),
                 trust_all: false,
+                policies: HashMap::new(),
                 latency: Duration::ZERO,
                 failure: None,
                 fail_next: VecDeque::new(),
@@ -257,6 +259,12 @@ impl FakeSts {
     /// Lets `sub` (`system:serviceaccount:<ns>:<sa>`) assume `role_arn`.
     pub fn trust(&self, role_arn: &str, sub: &str) {
         self.shared.lock().trusted.insert((role_arn.to_owned(), sub.to_owned()));
+    }
+
+    /// Lets `role_arn` be assumed by the tokens an IAM trust policy document allows (evaluated as
+    /// IAM does, see `policy_allows`), besides any other trust rule.
+    pub fn trust_policy(&self, role_arn: &str, policy: Value) {
+        self.shared.lock().policies.insert(role_arn.to_owned(), policy);
     }
 
     /// Lets any valid token assume `role_arn`.
@@ -497,6 +505,80 @@ struct Role {
     name: String,
 }
 
+/// Whether an IAM trust policy lets a web identity with `claims` assume a role of `account`, as IAM
+/// decides for AssumeRoleWithWebIdentity: an `Allow` statement for the action whose federated principal
+/// is the OIDC provider named after the token's `iss`, all of whose conditions hold. Conditions know
+/// `StringEquals` and `StringLike` (`*`, `?`) on `<provider>:sub` and `<provider>:aud`; anything else
+/// fails the statement. No `Deny` statements (the agent's policies have none).
+fn policy_allows(policy: &Value, account: &str, claims: &Claims) -> bool {
+    let host = claims.iss.strip_prefix("https://").unwrap_or(&claims.iss);
+    let host = host.strip_suffix('/').unwrap_or(host);
+    let provider = format!("arn:aws:iam::{account}:oidc-provider/{host}");
+    let one_or_many = |v: &Value| -> Vec<String> {
+        match v {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let claim = |key: &str| -> Option<Vec<String>> {
+        match key.strip_prefix(host)?.strip_prefix(':')? {
+            "sub" => Some(vec![claims.sub.clone()]),
+            "aud" => Some(claims.aud.clone()),
+            _ => None,
+        }
+    };
+    let statements = policy.get("Statement").map(one_or_many_values).unwrap_or_default();
+    statements.iter().any(|statement| {
+        statement.get("Effect").and_then(Value::as_str) == Some("Allow")
+            && statement
+                .get("Action")
+                .map(one_or_many)
+                .is_some_and(|actions| actions.iter().any(|a| a == "sts:AssumeRoleWithWebIdentity"))
+            && statement
+                .pointer("/Principal/Federated")
+                .map(one_or_many)
+                .is_some_and(|principals| principals.contains(&provider))
+            && statement
+                .get("Condition")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .all(|(operator, tests)| {
+                    tests.as_object().into_iter().flatten().all(|(key, expected)| {
+                        let (Some(values), expected) = (claim(key), one_or_many(expected)) else {
+                            return false;
+                        };
+                        values.iter().any(|value| {
+                            expected.iter().any(|pattern| match operator.as_str() {
+                                "StringEquals" => value == pattern,
+                                "StringLike" => glob(pattern.as_bytes(), value.as_bytes()),
+                                _ => false,
+                            })
+                        })
+                    })
+                })
+    })
+}
+
+fn one_or_many_values(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a.clone(),
+        other => vec![other.clone()],
+    }
+}
+
+/// IAM's `StringLike`: `*` is any run of characters, `?` any one character.
+fn glob(pattern: &[u8], value: &[u8]) -> bool {
+    match (pattern.first(), value.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&pattern[1..], value) || (!value.is_empty() && glob(pattern, &value[1..])),
+        (Some(b'?'), Some(_)) => glob(&pattern[1..], &value[1..]),
+        (Some(p), Some(v)) if p == v => glob(&pattern[1..], &value[1..]),
+        _ => false,
+    }
+}
+
 fn parse_role_arn(arn: &str) -> Option<Role> {
     let mut parts = arn.splitn(6, ':');
     let (prefix, partition, service, region, account, resource) = (
@@ -609,7 +691,11 @@ fn assume(shared: &StsShared, params: &HashMap<String, String>, request_id: &str
     let mut st = shared.lock();
     let allowed = st.trust_all
         || st.trusted_any.contains(role_arn)
-        || st.trusted.contains(&(role_arn.clone(), claims.sub.clone()));
+        || st.trusted.contains(&(role_arn.clone(), claims.sub.clone()))
+        || st
+            .policies
+            .get(role_arn)
+            .is_some_and(|policy| policy_allows(policy, &role.account, &claims));
     if !allowed {
         return Err(StsError::new(
             403,
