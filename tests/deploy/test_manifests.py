@@ -243,6 +243,14 @@ def test_the_uninstall_runs_iptables_uninstall_with_the_capture_containers_privi
     assert checks.uninstall_problems(uninstall, list(render_dir(f"overlays/{overlay}"))) == []
 
 
+def test_the_uninstall_args_render_as_written():
+    # tests/e2e/test_e2e.py runs the binary with the args of deploy/uninstall/daemonset.yaml as written.
+    written = yaml.safe_load((DEPLOY / "uninstall" / "daemonset.yaml").read_text())
+    rendered = daemonset(list(render_dir("uninstall")))
+    init = lambda ds: checks.container(checks.pod_spec(ds), "initContainers", "uninstall")  # noqa: E731
+    assert init(rendered)["args"] == init(written)["args"] == ["iptables", "uninstall"]
+
+
 def test_the_uninstall_lives_outside_the_agents_namespace_and_holds_no_token():
     docs = list(render_dir("uninstall"))
     agent_namespaces = {d["metadata"]["name"] for d in render_dir("overlays/eks") if d["kind"] == "Namespace"}
