@@ -56,8 +56,9 @@ def render_dir(relative: str) -> tuple:
 
 
 @cache
-def render_composed(resources: tuple[str, ...], components: tuple[str, ...]) -> tuple:
-    """A kustomization of deploy/<resources> and deploy/<components>, rendered (cached, as render_dir)."""
+def render_composed(resources: tuple[str, ...], components: tuple[str, ...], patches: tuple[str, ...] = ()) -> tuple:
+    """A kustomization of deploy/<resources> and deploy/<components>, with inline patches, rendered
+    (cached, as render_dir)."""
     with tempfile.TemporaryDirectory(prefix="imds-broker-kustomize-") as tmp:
         workdir = Path(tmp)
         rel = lambda p: os.path.relpath(DEPLOY / p, workdir)  # noqa: E731 (kustomize wants relative paths)
@@ -66,6 +67,7 @@ def render_composed(resources: tuple[str, ...], components: tuple[str, ...]) -> 
             "kind": "Kustomization",
             "resources": [rel(r) for r in resources],
             "components": [rel(c) for c in components],
+            "patches": [{"patch": p} for p in patches],
         }
         (workdir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         return tuple(render(workdir))

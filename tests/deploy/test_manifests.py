@@ -154,6 +154,30 @@ def test_each_cni_component_sets_its_interface_pattern(component, pattern):
     assert "IMDS_BROKER_HOST_INTERFACE" not in env_of(server), "the server does not manage iptables"
 
 
+def test_an_overlays_patch_sets_the_patterns_of_chained_cnis_over_the_component():
+    # What the cni-* components and the README tell users with chained CNIs to do.
+    patch = yaml.safe_dump(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": "imds-broker", "namespace": "imds-broker"},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "capture", "env": [{"name": "IMDS_BROKER_HOST_INTERFACE", "value": "eni+,lxc+"}]}
+                        ]
+                    }
+                }
+            },
+        }
+    )
+    docs = list(render_composed(("base",), ("components/cni-aws-vpc",), (patch,)))
+    _, capture = server_and_capture(docs)
+    assert env_of(capture)["IMDS_BROKER_HOST_INTERFACE"] == "eni+,lxc+"
+    assert [e["name"] for e in capture["env"]].count("IMDS_BROKER_HOST_INTERFACE") == 1
+
+
 def test_the_daemonset_runs_critical_on_every_node_and_terminates_gracefully():
     ds = daemonset(list(render_dir("overlays/eks")))
     spec = checks.pod_spec(ds)
