@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of imds-broker, from a fresh machine: installs what the suite needs, checks the
-# TokenRequest admission policy (deploy/token-policy.yaml) with a CEL interpreter, builds once in
-# the dev profile, then runs formatting and lint checks, unit and integration tests (cargo-nextest),
+# admission policies (deploy/) with a CEL interpreter, builds once in the dev profile, then runs
+# formatting and lint checks, the deploy/ checks (kustomize renders against the Kubernetes schemas and
+# the binary's --help, tests/deploy), unit and integration tests (cargo-nextest),
 # the end-to-end suite (network namespaces + iptables + real SDKs; needs root), the benchmark smoke
 # run and a bounded fuzzing run (fuzz/run.sh). Exits non-zero on the first failure.
 #
@@ -46,6 +47,14 @@ cargo clippy --all-targets --locked -- -D warnings
 step "build (dev profile, once: binary, examples, tests)"
 cargo build --locked --bins --examples
 cargo nextest run --locked --no-run
+
+# Needs the binary's --help (the dev build above) and kustomize: kubectl's, or a standalone one.
+step "deploy manifests (kustomize render, Kubernetes schemas, flags, image tag)"
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+  echo "tests/deploy needs kubectl (kubectl kustomize) or kustomize on PATH" >&2
+  exit 1
+fi
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/deploy
 
 step "unit and integration tests"
 cargo nextest run --locked --no-fail-fast

@@ -163,10 +163,22 @@ def test_while_the_agent_is_down_pods_are_refused_and_then_recover_unaided(node,
     assert sum("IMDS-BROKER" in rule for rule in harness.nat_listing("PREROUTING")) == 1
 
 
+def shipped_uninstall_args() -> list[str]:
+    """The arguments deploy/uninstall's DaemonSet gives the binary (tests/deploy checks that kustomize
+    renders them unchanged and with the capture container's privileges)."""
+    import yaml  # a dependency of moto[server], in the e2e venv
+
+    ds = yaml.safe_load((harness.ROOT / "deploy" / "uninstall" / "daemonset.yaml").read_text())
+    (step,) = [c for c in ds["spec"]["template"]["spec"]["initContainers"] if c["name"] == "uninstall"]
+    assert "command" not in step, "the image's entrypoint is the binary"
+    return [str(a) for a in step["args"]]
+
+
 def test_uninstall_removes_every_rule_and_is_idempotent(node):
     node.agent.stop()
+    assert any("IMDS-BROKER" in rule for rule in harness.nat_listing("PREROUTING")), "nothing to uninstall"
     for _ in range(2):
-        result = harness.run([str(harness.IMDS_BROKER_BIN), "iptables", "uninstall"])
+        result = harness.run([str(harness.IMDS_BROKER_BIN), *shipped_uninstall_args()])
         assert result.returncode == 0
     for tool in ("iptables", "ip6tables"):
         for table in ("nat", "filter"):

@@ -1,4 +1,4 @@
-"""The startup-taint admission policy (deploy/startup-taint.yaml), evaluated with cel-python.
+"""The startup-taint admission policy (deploy/components/startup-taint/), evaluated with cel-python.
 
 The agent may update Nodes (RBAC cannot narrow that); the policy admits its updates only for its own
 Node (the node name the API server puts in the agent's user info) and only when the single change is
@@ -16,13 +16,13 @@ import pytest
 from admission import Policy, documents, only
 
 ROOT = Path(__file__).resolve().parents[2]
-P = Policy(ROOT / "deploy" / "startup-taint.yaml")
+P = Policy(ROOT / "deploy" / "components" / "startup-taint" / "startup-taint.yaml")
 TAINT = "imds-broker.io/agent-not-ready"
 NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 def agent_username() -> str:
-    rbac = ROOT / "deploy" / "rbac.yaml"
+    rbac = ROOT / "deploy" / "base" / "rbac.yaml"
     sa = only(documents(rbac), "ServiceAccount", rbac.name)
     return f"system:serviceaccount:{sa['metadata']['namespace']}:{sa['metadata']['name']}"
 

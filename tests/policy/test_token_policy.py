@@ -1,4 +1,4 @@
-"""The TokenRequest admission policy (deploy/token-policy.yaml), evaluated with a CEL interpreter.
+"""The TokenRequest admission policy (deploy/base/token-policy.yaml), evaluated with a CEL interpreter.
 
 Every CEL expression of the policy is compiled with cel-python, and requests are decided the way the
 API server decides them (admission.py).
@@ -22,8 +22,8 @@ from celpy import celtypes
 from admission import EvalError, Policy, compile_expression, documents, only, run
 
 ROOT = Path(__file__).resolve().parents[2]
-POLICY_FILE = ROOT / "deploy" / "token-policy.yaml"
-RBAC_FILE = ROOT / "deploy" / "rbac.yaml"
+POLICY_FILE = ROOT / "deploy" / "base" / "token-policy.yaml"
+RBAC_FILE = ROOT / "deploy" / "base" / "rbac.yaml"
 
 P = Policy(POLICY_FILE)
 POLICY = P.policy
@@ -275,7 +275,7 @@ def test_the_agents_token_request_is_the_allowed_fixture():
 
 def test_the_match_condition_names_the_service_account_of_deploy_rbac():
     decision = decide(admission_request(FORBIDDEN["no-binding"][0], username=AGENT))
-    assert decision.how == "denied", "the agent of deploy/rbac.yaml must be matched"
+    assert decision.how == "denied", "the agent of deploy/base/rbac.yaml must be matched"
 
 
 # --- the agent's requests ----------------------------------------------------------------------------
