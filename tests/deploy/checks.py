@@ -201,6 +201,8 @@ def command_line(words: tuple[str, ...]) -> str:
 def pod_spec(doc: dict) -> dict | None:
     if doc.get("kind") in ("DaemonSet", "Deployment", "StatefulSet", "Job"):
         return doc["spec"]["template"]["spec"]
+    if doc.get("kind") == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     if doc.get("kind") == "Pod":
         return doc["spec"]
     return None

@@ -25,7 +25,7 @@ DEPLOY = ROOT / "deploy"
 BIN = Path(os.environ.get("IMDS_BROKER_BIN", ROOT / "target" / "debug" / "imds-broker"))
 
 # The subcommands whose --help the manifests are checked against.
-SUBCOMMANDS = [(), ("iptables", "reconcile"), ("iptables", "uninstall")]
+SUBCOMMANDS = [(), ("iptables", "reconcile"), ("iptables", "uninstall"), ("oidc", "export")]
 
 
 def kustomize_argv() -> list[str]:

@@ -284,3 +284,17 @@ def test_the_uninstall_lives_outside_the_agents_namespace_and_holds_no_token():
     assert checks.pod_spec(ds)["automountServiceAccountToken"] is False
     assert {d["kind"] for d in docs} == {"Namespace", "DaemonSet"}
 
+
+
+def test_the_oidc_check_cron_job_checks_a_published_copy_with_only_issuer_discovery_rights():
+    docs = list(render_composed(("overlays/on-prem",), ("components/oidc-check",)))
+    (job,) = [d for d in docs if d["kind"] == "CronJob"]
+    spec = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["args"][:2] == ["oidc", "export"]
+    assert any(a.startswith("--check=https://") for a in container["args"]), container["args"]
+    assert container["image"] == f"imds-broker:{cargo_version()}"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (binding,) = [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "imds-broker-oidc-check"]
+    assert binding["roleRef"]["name"] == "system:service-account-issuer-discovery"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"], "namespace": "imds-broker"}]
