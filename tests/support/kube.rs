@@ -14,6 +14,8 @@
 //!   bound to a pod, signed with [`super::jwt`]'s test key);
 //! - `GET /api/v1/namespaces` lists and watches of Namespaces (cluster-scoped; stored with an empty
 //!   namespace), for the per-namespace IMDSv2 policy;
+//! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` and `GET`/`PATCH` of one Event, validated
+//!   strictly and recorded (see [`events`]);
 //! - `GET /openid/v1/jwks`, `GET /.well-known/openid-configuration`, `GET /version`, `GET /api`;
 //! - `/_double/...` control endpoints for scripts (see [`FakeKube`]); not counted as API requests.
 //!
@@ -48,6 +50,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::jwt::{self, Claims, Signer};
+
+#[path = "kube/events.rs"]
+pub mod events;
+pub use events::EventWrite;
 
 /// The pod annotation kube2iam/kiam read.
 pub const POD_ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
@@ -211,6 +217,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    events: Mutex<events::Store>,
     changes: broadcast::Sender<Arc<Change>>,
     breaker: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -272,6 +279,7 @@ impl FakeKube {
                 event_delay: HashMap::new(),
                 event_jitter: HashMap::new(),
             }),
+            events: Mutex::default(),
             changes,
             breaker: watch::Sender::new(0),
             shutdown: watch::Sender::new(false),
@@ -455,6 +463,16 @@ impl FakeKube {
     /// balancer idle timeout does.
     pub fn break_watches(&self) {
         self.shared.break_watches();
+    }
+
+    /// Every stored events.k8s.io Event, by namespace and name.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.events.lock().unwrap().events()
+    }
+
+    /// Every Event write (create or patch, accepted or not), in order.
+    pub fn event_writes(&self) -> Vec<EventWrite> {
+        self.shared.events.lock().unwrap().writes()
     }
 
     /// API requests received so far (lists, watches, gets, writes, TokenRequests, discovery).
@@ -1370,6 +1388,18 @@ async fn route(
         (&Method::POST, ["api", "v1", "namespaces", ns, "serviceaccounts", sa, "token"]) => {
             token_request(shared, ns, sa, body)
         }
+        (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => match *method {
+            Method::POST => Ok(json_response(201, &shared.events.lock().unwrap().create(ns, body)?)),
+            _ => Err(method_not_allowed(method)),
+        },
+        (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", name]) => match *method {
+            Method::GET => Ok(json_response(200, &shared.events.lock().unwrap().get(ns, name)?)),
+            Method::PATCH => Ok(json_response(
+                200,
+                &shared.events.lock().unwrap().patch(ns, name, body)?,
+            )),
+            _ => Err(method_not_allowed(method)),
+        },
         _ => Err(ApiError::for_status(404)),
     }
 }
