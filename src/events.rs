@@ -583,6 +583,69 @@ mod tests {
         assert!(!head.ends_with('-') && !head.ends_with('.'), "{name}");
     }
 
+    #[tokio::test]
+    async fn with_events_off_there_is_no_recorder_and_the_sink_queues_nothing() {
+        let registry = Registry::new();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let disabled = Config {
+            enabled: false,
+            instance: "node-1".into(),
+        };
+        let (sink, recorder) = build(&disabled, client, &registry).unwrap();
+        assert!(recorder.is_none());
+        assert!(sink.queue.is_none());
+        let error = roles::Error::NoBaseArn {
+            annotation: roles::POD_ANNOTATION,
+            value: "app".into(),
+        };
+        let workload = Workload {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            service_account: "default".into(),
+            pod_role: Some("app".into()),
+            service_account_role: None,
+            ips: Vec::new(),
+            running: true,
+            terminating: false,
+        };
+        sink.invalid_role(&workload, &error);
+        let text = crate::metrics::encode(&registry);
+        assert!(!text.contains("imds_broker_events_total{"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let (sender, _queue) = mpsc::channel(1);
+        let sink = Sink {
+            queue: Some(sender),
+            metrics: metrics.clone(),
+        };
+        let workload = Workload {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            service_account: "default".into(),
+            pod_role: None,
+            service_account_role: None,
+            ips: Vec::new(),
+            running: true,
+            terminating: false,
+        };
+        let throttled = credentials::Error::Sts(sts::Error::Throttled {
+            role: "arn:aws:iam::111111111111:role/app".into(),
+            code: "Throttling".into(),
+            message: "Rate exceeded".into(),
+        });
+        for _ in 0..5 {
+            sink.exchange_failed(&workload, &throttled);
+        }
+        let dropped = metrics.occurrences.with_label_values(&["StsThrottled", "dropped"]).get();
+        assert_eq!(dropped, 4);
+    }
+
     #[test]
     fn only_failures_the_owner_can_fix_become_events() {
         let role = "arn:aws:iam::111111111111:role/app".to_owned();

@@ -467,12 +467,12 @@ impl FakeKube {
 
     /// Every stored events.k8s.io Event, by namespace and name.
     pub fn events(&self) -> Vec<Value> {
-        self.shared.events.lock().unwrap().events()
+        self.shared.events().events()
     }
 
     /// Every Event write (create or patch, accepted or not), in order.
     pub fn event_writes(&self) -> Vec<EventWrite> {
-        self.shared.events.lock().unwrap().writes()
+        self.shared.events().writes()
     }
 
     /// API requests received so far (lists, watches, gets, writes, TokenRequests, discovery).
@@ -854,6 +854,10 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn events(&self) -> MutexGuard<'_, events::Store> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Ends every open watch; they stop counting as open at once, so a later
@@ -1389,15 +1393,12 @@ async fn route(
             token_request(shared, ns, sa, body)
         }
         (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => match *method {
-            Method::POST => Ok(json_response(201, &shared.events.lock().unwrap().create(ns, body)?)),
+            Method::POST => Ok(json_response(201, &shared.events().create(ns, body)?)),
             _ => Err(method_not_allowed(method)),
         },
         (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", name]) => match *method {
-            Method::GET => Ok(json_response(200, &shared.events.lock().unwrap().get(ns, name)?)),
-            Method::PATCH => Ok(json_response(
-                200,
-                &shared.events.lock().unwrap().patch(ns, name, body)?,
-            )),
+            Method::GET => Ok(json_response(200, &shared.events().get(ns, name)?)),
+            Method::PATCH => Ok(json_response(200, &shared.events().patch(ns, name, body)?)),
             _ => Err(method_not_allowed(method)),
         },
         _ => Err(ApiError::for_status(404)),
