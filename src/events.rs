@@ -295,7 +295,10 @@ struct Key {
 /// One Event the recorder created and may still add occurrences to.
 struct Series {
     namespace: String,
+    /// The Event's name.
     name: String,
+    /// The pod's name, for log lines.
+    pod: String,
     /// Occurrences so far; the created Event is the first.
     count: i32,
     /// The count the API server has.
@@ -404,7 +407,12 @@ impl Recorder {
         let Some(series) = self.series.get(key) else {
             return;
         };
-        let (namespace, name, count) = (series.namespace.clone(), series.name.clone(), series.count);
+        let (namespace, name, pod, count) = (
+            series.namespace.clone(),
+            series.name.clone(),
+            series.pod.clone(),
+            series.count,
+        );
         let patch = serde_json::json!({
             "series": { "count": count, "lastObservedTime": MicroTime(series.observed_time) },
         });
@@ -431,7 +439,7 @@ impl Recorder {
                 if let Some(series) = self.series.get_mut(key) {
                     series.written_at = Instant::now();
                 }
-                self.log_failure(&namespace, &name, key.reason, &error);
+                self.log_failure(&namespace, &pod, key.reason, &error);
             }
         }
     }
@@ -474,6 +482,7 @@ impl Recorder {
         Ok(Series {
             namespace: notice.namespace.clone(),
             name,
+            pod: notice.name.clone(),
             count: 1,
             written_count: 1,
             written_at: at,
@@ -482,7 +491,7 @@ impl Recorder {
         })
     }
 
-    fn log_failure(&mut self, namespace: &str, name: &str, reason: Reason, error: &WriteError) {
+    fn log_failure(&mut self, namespace: &str, pod: &str, reason: Reason, error: &WriteError) {
         let now = Instant::now();
         if self
             .error_logged
@@ -496,7 +505,7 @@ impl Recorder {
             WriteError::Failed(error) => error.as_str(),
         };
         tracing::warn!(
-            pod = %format!("{namespace}/{name}"), reason = reason.as_str(), %error,
+            pod = %format!("{namespace}/{pod}"), reason = reason.as_str(), %error,
             "could not write a Kubernetes Event (does the agent's ClusterRole allow create and patch of events.k8s.io events?); \
              further failures are only counted for a while"
         );
@@ -642,7 +651,10 @@ mod tests {
         for _ in 0..5 {
             sink.exchange_failed(&workload, &throttled);
         }
-        let dropped = metrics.occurrences.with_label_values(&["StsThrottled", "dropped"]).get();
+        let dropped = metrics
+            .occurrences
+            .with_label_values(&["StsThrottled", "dropped"])
+            .get();
         assert_eq!(dropped, 4);
     }
 

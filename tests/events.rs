@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::support::Cluster;
 use crate::support::agent::eventually;
 use crate::support::fixtures::{pod, role};
+use crate::support::logs::capture;
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -159,4 +160,30 @@ async fn with_events_off_nothing_is_written() {
     assert_eq!(reply.json()["Code"], "AssumeRoleUnauthorizedAccess");
     assert_eq!(cluster.sts.calls(), 1, "the refusal happened");
     assert!(cluster.kube.event_writes().is_empty());
+}
+
+#[tokio::test]
+async fn without_the_rbac_rule_events_fail_counted_and_logged_and_pods_are_answered_as_before() {
+    let (logs, _guard) = capture("info");
+    let cluster = Cluster::start().await;
+    cluster.kube.set_event_failure(Some(403));
+    cluster.sts.trust(&role("app"), "system:serviceaccount:elsewhere:other");
+    cluster.add_pod(&pod("no-rbac", "127.0.0.97").role("app").phase("Pending"));
+    let agent = cluster.agent(&[]).await;
+    let reply = agent.from("127.0.0.97").get(&format!("{CREDS}app"), &[]).await;
+    assert_eq!(reply.json()["Code"], "AssumeRoleUnauthorizedAccess");
+    eventually("the refused write counted", || async {
+        agent
+            .metric(
+                "imds_broker_events_total",
+                "reason=\"StsAccessDenied\",result=\"failed\"",
+            )
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(cluster.kube.event_writes().len(), 1);
+    assert_eq!(cluster.kube.event_writes()[0].status, 403);
+    let lines = logs.lines_with(&["could not write a Kubernetes Event", "apps/no-rbac", "ClusterRole"]);
+    assert_eq!(lines.len(), 1, "{}", logs.text());
 }

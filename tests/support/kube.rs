@@ -234,7 +234,7 @@ struct Shared {
 ///
 /// Control endpoints (for scripts; not counted by [`FakeKube::request_count`]):
 /// `GET /_double/stats` → `{"requests", "token_requests": [...], "token_request_count", "open_watches",
-/// "resource_version"}`; `POST /_double/compact`; `POST /_double/break-watches`;
+/// "resource_version", "events": [...], "event_writes": [...]}`; `POST /_double/compact`; `POST /_double/break-watches`;
 /// `POST /_double/token-failure` with `{"status": 503}` or `null`; `POST /_double/outage` with
 /// `{"mode": "unavailable"}`, `{"mode": "reset"}` or `null` (see [`FakeKube::set_outage`]).
 pub struct FakeKube {
@@ -468,6 +468,12 @@ impl FakeKube {
     /// Every stored events.k8s.io Event, by namespace and name.
     pub fn events(&self) -> Vec<Value> {
         self.shared.events().events()
+    }
+
+    /// Answer every Event write with `status` and a Status body (403 as for an agent without the
+    /// RBAC rule), or `None` to answer normally again.
+    pub fn set_event_failure(&self, status: Option<u16>) {
+        self.shared.events().set_failure(status);
     }
 
     /// Every Event write (create or patch, accepted or not), in order.
@@ -2164,6 +2170,8 @@ fn control(shared: &Arc<Shared>, method: &Method, rest: &[&str], body: &[u8]) ->
                     "token_requests": st.token_requests,
                     "open_watches": *shared.open_watches.borrow(),
                     "resource_version": st.rv,
+                    "events": shared.events().events(),
+                    "event_writes": shared.events().writes(),
                 }),
             ))
         }

@@ -42,6 +42,7 @@ pub(super) struct Store {
     writes: Vec<EventWrite>,
     next_uid: u64,
     resource_version: u64,
+    failure: Option<u16>,
 }
 
 impl Store {
@@ -55,20 +56,31 @@ impl Store {
         self.writes.clone()
     }
 
+    /// Answer every write with `status` (403 as without RBAC, 503, …), or `None` to answer normally.
+    pub(super) fn set_failure(&mut self, status: Option<u16>) {
+        self.failure = status;
+    }
+
     /// `POST .../namespaces/{ns}/events`.
     pub(super) fn create(&mut self, ns: &str, body: &[u8]) -> Result<Value, ApiError> {
         let name_hint = serde_json::from_slice::<Value>(body)
             .ok()
             .and_then(|v| meta_str(&v, "name").map(str::to_owned))
             .unwrap_or_default();
-        let result = self.try_create(ns, body);
+        let result = match self.failure {
+            Some(status) => Err(ApiError::for_status(status)),
+            None => self.try_create(ns, body),
+        };
         self.record("POST", ns, &name_hint, &result);
         result
     }
 
     /// `PATCH .../namespaces/{ns}/events/{name}` (a JSON merge patch).
     pub(super) fn patch(&mut self, ns: &str, name: &str, body: &[u8]) -> Result<Value, ApiError> {
-        let result = self.try_patch(ns, name, body);
+        let result = match self.failure {
+            Some(status) => Err(ApiError::for_status(status)),
+            None => self.try_patch(ns, name, body),
+        };
         self.record("PATCH", ns, name, &result);
         result
     }
