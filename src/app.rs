@@ -18,7 +18,7 @@ use crate::pods::Store;
 use crate::server::admin;
 use crate::server::imds;
 use crate::server::imds_token::Issuer;
-use crate::{credentials, namespaces, netfilter, node_taint, pods, sa_token, server, sts, watch};
+use crate::{credentials, events, namespaces, netfilter, node_taint, pods, sa_token, server, sts, watch};
 
 /// A built, not yet running agent.
 pub struct App {
@@ -35,6 +35,7 @@ pub struct App {
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
     connections: server::connections::Limits,
     startup_taint: Option<node_taint::Remover>,
+    recorder: Option<events::Recorder>,
 }
 
 /// The Kubernetes client the agent needs: kube's own retries of 429/503/504 (exponential, for minutes)
@@ -75,6 +76,7 @@ impl App {
             watch_config: config.watch.clone(),
             watch_metrics: watch_metrics.clone(),
         };
+        let (event_sink, recorder) = events::build(&config.events, client.clone(), &registry)?;
         let cache = Cache::new(
             config.credentials.clone(),
             sa_token::Minter::new(client.clone(), config.sa_token.clone()),
@@ -82,6 +84,7 @@ impl App {
             config.roles.clone(),
             store.clone(),
             credentials::Metrics::register(&registry)?,
+            event_sink,
         );
         let imds_tokens = match &config.token_key_file {
             Some(path) => {
@@ -146,6 +149,7 @@ impl App {
             netfilter,
             connections,
             startup_taint,
+            recorder,
         })
     }
 
@@ -178,6 +182,7 @@ impl App {
         let watch_task = tokio::spawn(self.watcher.run(background.clone()));
         let namespace_task = tokio::spawn(self.namespace_watcher.run(background.clone()));
         let cache_task = tokio::spawn(self.cache.run(self.events, ready_tx.clone(), background.clone()));
+        let events_task = self.recorder.map(|r| tokio::spawn(r.run(background.clone())));
         // The capture rules are never removed here: while the agent is down pods must be refused, not
         // reach the node's own metadata service.
         // With --iptables, readiness also waits for the capture rule: before it exists, pods would reach
@@ -237,6 +242,9 @@ impl App {
         watch_task.await.context("pod watch task")?;
         namespace_task.await.context("namespace watch task")?;
         cache_task.await.context("credential cache task")?;
+        if let Some(task) = events_task {
+            task.await.context("pod events task")?;
+        }
         if let Some(task) = netfilter_task {
             task.await.context("iptables reconcile task")?;
         }

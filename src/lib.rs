@@ -20,6 +20,8 @@
 //! - [`metrics`]: the registry and its encoding;
 //! - [`credentials`]: the per-pod STS session cache (exchanges on their own tasks, remembered
 //!   failures, the node's exchange budget in `limit`, timing policies in `schedule`);
+//! - [`events`]: Kubernetes Events on pods whose credentials fail for a reason their owner can fix;
+//!   [`audit`]: one log line per credential issued;
 //! - [`pods`], [`roles`], [`sa_token`], [`sts`]: who is calling, which role, a service-account token
 //!   bound to the pod, the STS session;
 //! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;
@@ -32,8 +34,10 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod credentials;
+pub mod events;
 pub mod federation;
 pub mod metadata;
 pub mod metrics;

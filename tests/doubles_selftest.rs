@@ -921,3 +921,129 @@ async fn sts_refuses_connections_while_stopped_and_resumes_with_its_state() {
     assert_eq!(sts.calls(), 2);
     assert_eq!(sts.issued().len(), 2);
 }
+
+/// A valid Event as kube's client serialises it, about pod `default/p`.
+fn valid_event(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": { "name": name, "namespace": "default" },
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": "imds-broker.io/agent", "reportingInstance": "node-1",
+        "action": "AssumeRoleWithWebIdentity", "reason": "StsAccessDenied", "type": "Warning",
+        "note": "refused",
+        "regarding": { "apiVersion": "v1", "kind": "Pod", "namespace": "default", "name": "p", "uid": "u-1" },
+    })
+}
+
+#[tokio::test]
+async fn events_are_validated_like_the_api_server_and_recorded() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::api::{Patch, PatchParams};
+
+    let kube = FakeKube::start().await;
+    let events: Api<K8sEvent> = Api::namespaced(kube.client(), "default");
+    let status = |result: Result<K8sEvent, kube::Error>| match result {
+        Ok(_) => 200,
+        Err(kube::Error::Api(s)) => s.code,
+        Err(other) => panic!("not an API answer: {other}"),
+    };
+    let create = |event: serde_json::Value| {
+        let events = events.clone();
+        async move {
+            let event: K8sEvent = serde_json::from_value(event).unwrap();
+            status(bounded(events.create(&PostParams::default(), &event)).await)
+        }
+    };
+
+    // The real client's Event is accepted, stored and recorded.
+    assert_eq!(create(valid_event("p.1")).await, 200);
+    assert_eq!(kube.events().len(), 1);
+    assert_eq!(create(valid_event("p.1")).await, 409, "names are unique");
+
+    // Required fields, limits and closed values.
+    for (field, value) in [
+        ("eventTime", serde_json::Value::Null),
+        ("reportingController", json!("")),
+        ("reportingController", json!("not a qualified name!")),
+        ("reportingInstance", json!("")),
+        ("action", json!("")),
+        ("reason", json!("r".repeat(129))),
+        ("type", json!("Error")),
+        ("note", json!("n".repeat(1025))),
+        ("regarding", serde_json::Value::Null),
+        (
+            "series",
+            json!({ "count": 1, "lastObservedTime": "2026-01-01T00:00:00.000000Z" }),
+        ),
+        ("deprecatedCount", json!(3)),
+    ] {
+        let mut event = valid_event("p.2");
+        event[field] = value;
+        assert_eq!(create(event).await, 422, "{field}");
+    }
+    let mut elsewhere = valid_event("p.2");
+    elsewhere["regarding"]["namespace"] = json!("other");
+    assert_eq!(create(elsewhere).await, 422, "regarding another namespace");
+    let mut longest = valid_event("p.2");
+    longest["note"] = json!("n".repeat(1024));
+    assert_eq!(create(longest).await, 200, "a note of 1024 bytes fits");
+
+    // Unknown fields are refused, as with fieldValidation=Strict, at any depth.
+    for body in [
+        json!({ "reasn": "typo" }),
+        json!({ "series": { "count": 2, "lastObserved": "2026-01-01T00:00:00Z" } }),
+        json!({ "regarding": { "kind": "Pod", "podName": "p" } }),
+    ] {
+        let mut event = valid_event("p.3");
+        event.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+        let answer = raw_http(
+            kube.addr(),
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+            &event.to_string(),
+        )
+        .await
+        .unwrap();
+        let (code, status) = parse_answer(&answer);
+        assert_eq!(code, 400, "{body}");
+        assert!(
+            status["message"].as_str().unwrap().contains("unknown field"),
+            "{status}"
+        );
+    }
+
+    // A series patch is accepted; changing what the API holds immutable, or a bad series, is not.
+    let patch = |name: &'static str, body: serde_json::Value| {
+        let events = events.clone();
+        async move { status(bounded(events.patch(name, &PatchParams::default(), &Patch::Merge(&body))).await) }
+    };
+    let series = json!({ "series": { "count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z" } });
+    assert_eq!(patch("p.1", series.clone()).await, 200);
+    assert_eq!(
+        kube.events().iter().find(|e| e["metadata"]["name"] == "p.1").unwrap()["series"]["count"],
+        2
+    );
+    assert_eq!(
+        patch("p.1", json!({ "note": "another" })).await,
+        422,
+        "note is immutable"
+    );
+    assert_eq!(
+        patch("p.1", json!({ "reason": "Other" })).await,
+        422,
+        "reason is immutable"
+    );
+    assert_eq!(
+        patch(
+            "p.1",
+            json!({ "series": { "count": 1, "lastObservedTime": "2026-01-01T00:02:00Z" } })
+        )
+        .await,
+        422
+    );
+    assert_eq!(patch("missing", series).await, 404);
+
+    let writes = kube.event_writes();
+    assert_eq!(writes.first().map(|w| (w.verb, w.status)), Some(("POST", 201)));
+    assert_eq!(writes.iter().filter(|w| w.status < 300).count(), 3, "{writes:?}");
+}

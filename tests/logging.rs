@@ -5,7 +5,7 @@ use http::StatusCode;
 
 use crate::support::Cluster;
 use crate::support::fixtures::{pod, role};
-use crate::support::logs::capture;
+use crate::support::logs::{capture, capture_json};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -67,7 +67,7 @@ async fn secrets_never_reach_logs_or_metrics_even_at_trace_level() {
     let session_token = doc["Token"].as_str().unwrap();
     let metrics = agent.metrics().await;
     let text = logs.text();
-    assert!(text.contains("obtained credentials"), "the capture works");
+    assert!(text.contains("credentials issued"), "the capture works");
     for (what, value) in [
         ("secret access key", secret),
         ("session token", session_token),
@@ -116,4 +116,64 @@ async fn a_flood_of_bad_tokens_and_unknown_callers_writes_a_bounded_number_of_li
             .await,
         500.0
     );
+}
+
+#[tokio::test]
+async fn each_credential_issued_is_one_json_audit_line_without_any_secret() {
+    let (logs, _guard) = capture_json("trace");
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    let audited = pod("audited", "127.0.0.74").role("app").phase("Pending");
+    cluster.add_pod(&audited);
+    let agent = cluster.agent(&[]).await;
+    let caller = agent.from("127.0.0.74");
+    let mut docs = Vec::new();
+    for _ in 0..3 {
+        docs.push(caller.get(&format!("{CREDS}app"), &[]).await.json());
+    }
+    let lines: Vec<serde_json::Value> = logs
+        .text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "imds_broker::audit")
+        .collect();
+    // Three requests served, one credential issued.
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let line = &lines[0];
+    let doc = &docs[0];
+    assert_eq!(line["message"], "credentials issued");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["pod_namespace"], "apps");
+    assert_eq!(line["pod_name"], "audited");
+    assert_eq!(line["pod_uid"], audited.uid_str());
+    assert_eq!(line["service_account"], "default");
+    assert_eq!(line["role_arn"], role("app"));
+    assert_eq!(line["session_name"], "apps.audited");
+    assert_eq!(line["access_key_id"], doc["AccessKeyId"]);
+    assert_eq!(line["cause"], "request");
+    let expiration = time::OffsetDateTime::parse(
+        line["expiration"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let served = time::OffsetDateTime::parse(
+        doc["Expiration"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(expiration, served);
+    // What STS issued (and CloudTrail records) is what the line names.
+    let issued = cluster.sts.issued();
+    assert_eq!(issued.len(), 1);
+    assert_eq!(line["access_key_id"], issued[0].access_key_id.as_str());
+    assert_eq!(line["session_name"], issued[0].session_name.as_str());
+    let text = logs.text();
+    for (what, value) in [
+        ("secret access key", &doc["SecretAccessKey"]),
+        ("session token", &doc["Token"]),
+    ] {
+        let value = value.as_str().unwrap();
+        assert!(!text.contains(value), "the {what} reached the logs");
+    }
+    assert!(!text.contains("eyJ"), "a JWT reached the logs");
 }

@@ -10,6 +10,7 @@ mod support;
 mod admin;
 mod churn;
 mod doubles_selftest;
+mod events;
 mod faults;
 mod federation;
 mod logging;

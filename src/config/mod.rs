@@ -10,7 +10,7 @@ use crate::roles::{BaseArn, Resolver};
 use crate::server::imds::Imdsv2;
 use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
-use crate::{credentials, metadata, netfilter, sa_token, server, sts, watch};
+use crate::{credentials, events, metadata, netfilter, sa_token, server, sts, watch};
 
 /// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
@@ -300,6 +300,12 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_CAPTURE_STATUS_FILE")]
     pub capture_status_file: Option<std::path::PathBuf>,
 
+    /// Write Kubernetes Events on pods whose credentials fail for a reason their owner can fix
+    /// (invalid role annotation, STS or TokenRequest refused, throttling), shown by `kubectl describe
+    /// pod`. Needs create and patch of events.k8s.io events; `--events false` writes none.
+    #[arg(long, env = "IMDS_BROKER_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub events: bool,
+
     /// Log format.
     #[arg(long, env = "IMDS_BROKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -457,6 +463,8 @@ pub struct Config {
     pub metadata: metadata::Config,
     /// `--token-key-file`.
     pub token_key_file: Option<std::path::PathBuf>,
+    /// `--events`.
+    pub events: events::Config,
 }
 
 impl Args {
@@ -513,6 +521,10 @@ impl Args {
             .then(|| self.capture.config(self.listen.port()))
             .transpose()?;
         let metadata = self.metadata(&node_name, &region)?;
+        let events = events::Config {
+            enabled: self.events,
+            instance: node_name.clone(),
+        };
         Ok(Config {
             node_name,
             listen: self.listen,
@@ -553,6 +565,7 @@ impl Args {
             netfilter,
             metadata,
             token_key_file: self.token_key_file.clone(),
+            events,
         })
     }
 

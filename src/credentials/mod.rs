@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use crate::pods::{Change, Event, Store};
 use crate::roles::Resolver;
 use crate::workload::{RoleArn, Workload};
-use crate::{sa_token, sts};
+use crate::{audit, events, sa_token, sts};
 use limit::{Limiter, Priority};
 
 /// Cache settings.
@@ -166,6 +166,7 @@ struct Inner {
     resolver: Resolver,
     store: Store,
     metrics: Metrics,
+    events: events::Sink,
     limiter: Limiter,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -197,7 +198,8 @@ impl Cause {
 }
 
 impl Cache {
-    /// A cache minting with `minter`, exchanging with `exchanger`, resolving roles with `resolver`.
+    /// A cache minting with `minter`, exchanging with `exchanger`, resolving roles with `resolver`,
+    /// reporting failures a pod's owner can fix to `events`.
     pub fn new(
         config: Config,
         minter: sa_token::Minter,
@@ -205,6 +207,7 @@ impl Cache {
         resolver: Resolver,
         store: Store,
         metrics: Metrics,
+        events: events::Sink,
     ) -> Self {
         let pods = moka::future::Cache::builder()
             // A safety net for memory only (a pod whose deletion was never seen); pods are evicted by
@@ -221,6 +224,7 @@ impl Cache {
                 resolver,
                 store,
                 metrics,
+                events,
                 limiter,
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
@@ -381,17 +385,16 @@ impl Cache {
         let outcome = result.as_ref().map_or_else(Error::kind, |_| "ok");
         metrics.fetches.with_label_values(&[cause.label(), outcome]).inc();
         match result {
-            Ok(held) => tracing::info!(
-                pod = %workload.key(), role = %role, cause = cause.label(),
-                access_key_id = %held.session.credentials.access_key_id,
-                expiration = %held.session.credentials.expiration,
-                "obtained credentials"
-            ),
+            Ok(held) => audit::issued(workload, role, cause.label(), &held.session.credentials),
             Err(Error::Stopped) => {}
-            Err(error) => tracing::warn!(
-                pod = %workload.key(), role = %role, cause = cause.label(), error_kind = error.kind(),
-                error = %error_chain(error), "could not obtain credentials"
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    pod = %workload.key(), role = %role, cause = cause.label(), error_kind = error.kind(),
+                    error = %error_chain(error), "could not obtain credentials"
+                );
+                // Once per exchange, and exchanges back off: a looping SDK is not a flood of Events.
+                self.inner.events.exchange_failed(workload, error);
+            }
         }
     }
 
@@ -519,8 +522,14 @@ impl Cache {
                     }
                 }
                 Ok(None) => self.evict(&workload.uid, None).await,
+                // Not the owner's to fix (the agent cannot decode the object): no Event.
+                Err(error @ crate::roles::Error::UnreadableServiceAccount { .. }) => {
+                    tracing::warn!(pod = %workload.key(), %error, "refusing credentials until the service account can be read");
+                    self.evict(&workload.uid, None).await;
+                }
                 Err(error) => {
                     tracing::warn!(pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
+                    self.inner.events.invalid_role(&workload, &error);
                     self.evict(&workload.uid, None).await;
                 }
             },

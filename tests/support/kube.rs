@@ -14,6 +14,8 @@
 //!   bound to a pod, signed with [`super::jwt`]'s test key);
 //! - `GET /api/v1/namespaces` lists and watches of Namespaces (cluster-scoped; stored with an empty
 //!   namespace), for the per-namespace IMDSv2 policy;
+//! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` and `GET`/`PATCH` of one Event, validated
+//!   strictly and recorded (see [`events`]);
 //! - `GET /openid/v1/jwks`, `GET /.well-known/openid-configuration`, `GET /version`, `GET /api`;
 //! - `/_double/...` control endpoints for scripts (see [`FakeKube`]); not counted as API requests.
 //!
@@ -48,6 +50,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::jwt::{self, Claims, Signer};
+
+#[path = "kube/events.rs"]
+pub mod events;
+pub use events::EventWrite;
 
 /// The pod annotation kube2iam/kiam read.
 pub const POD_ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
@@ -211,6 +217,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    events: Mutex<events::Store>,
     changes: broadcast::Sender<Arc<Change>>,
     breaker: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -227,7 +234,7 @@ struct Shared {
 ///
 /// Control endpoints (for scripts; not counted by [`FakeKube::request_count`]):
 /// `GET /_double/stats` → `{"requests", "token_requests": [...], "token_request_count", "open_watches",
-/// "resource_version"}`; `POST /_double/compact`; `POST /_double/break-watches`;
+/// "resource_version", "events": [...], "event_writes": [...]}`; `POST /_double/compact`; `POST /_double/break-watches`;
 /// `POST /_double/token-failure` with `{"status": 503}` or `null`; `POST /_double/outage` with
 /// `{"mode": "unavailable"}`, `{"mode": "reset"}` or `null` (see [`FakeKube::set_outage`]).
 pub struct FakeKube {
@@ -272,6 +279,7 @@ impl FakeKube {
                 event_delay: HashMap::new(),
                 event_jitter: HashMap::new(),
             }),
+            events: Mutex::default(),
             changes,
             breaker: watch::Sender::new(0),
             shutdown: watch::Sender::new(false),
@@ -462,6 +470,22 @@ impl FakeKube {
     /// balancer idle timeout does.
     pub fn break_watches(&self) {
         self.shared.break_watches();
+    }
+
+    /// Every stored events.k8s.io Event, by namespace and name.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.events().events()
+    }
+
+    /// Answer every Event write with `status` and a Status body (403 as for an agent without the
+    /// RBAC rule), or `None` to answer normally again.
+    pub fn set_event_failure(&self, status: Option<u16>) {
+        self.shared.events().set_failure(status);
+    }
+
+    /// Every Event write (create or patch, accepted or not), in order.
+    pub fn event_writes(&self) -> Vec<EventWrite> {
+        self.shared.events().writes()
     }
 
     /// API requests received so far (lists, watches, gets, writes, TokenRequests, discovery).
@@ -843,6 +867,10 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn events(&self) -> MutexGuard<'_, events::Store> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Ends every open watch; they stop counting as open at once, so a later
@@ -1396,6 +1424,15 @@ async fn route(
         (&Method::POST, ["api", "v1", "namespaces", ns, "serviceaccounts", sa, "token"]) => {
             token_request(shared, ns, sa, body)
         }
+        (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => match *method {
+            Method::POST => Ok(json_response(201, &shared.events().create(ns, body)?)),
+            _ => Err(method_not_allowed(method)),
+        },
+        (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", name]) => match *method {
+            Method::GET => Ok(json_response(200, &shared.events().get(ns, name)?)),
+            Method::PATCH => Ok(json_response(200, &shared.events().patch(ns, name, body)?)),
+            _ => Err(method_not_allowed(method)),
+        },
         _ => Err(ApiError::for_status(404)),
     }
 }
@@ -2159,6 +2196,8 @@ fn control(shared: &Arc<Shared>, method: &Method, rest: &[&str], body: &[u8]) ->
                     "token_requests": st.token_requests,
                     "open_watches": *shared.open_watches.borrow(),
                     "resource_version": st.rv,
+                    "events": shared.events().events(),
+                    "event_writes": shared.events().writes(),
                 }),
             ))
         }

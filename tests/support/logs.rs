@@ -57,3 +57,17 @@ pub fn capture(filter: &str) -> (Captured, tracing::subscriber::DefaultGuard) {
     let guard = tracing::subscriber::set_default(subscriber);
     (captured, guard)
 }
+
+/// Starts capturing on this thread with `filter`, in the agent's JSON format (`--log-format json`).
+pub fn capture_json(filter: &str) -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .json()
+        .flatten_event(true)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    (captured, guard)
+}
