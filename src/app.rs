@@ -35,6 +35,7 @@ pub struct App {
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
     connections: server::connections::Limits,
     startup_taint: Option<node_taint::Remover>,
+    admin_metrics: admin::Metrics,
 }
 
 /// The Kubernetes client the agent needs: kube's own retries of 429/503/504 (exponential, for minutes)
@@ -123,6 +124,11 @@ impl App {
             .clone()
             .map(|c| netfilter::Reconciler::build(c, netfilter::System, &registry))
             .transpose()?;
+        if netfilter.is_none() {
+            // Zero, so dashboards and rules find the series without --iptables too (the split
+            // DaemonSet's capture container keeps its own counts).
+            netfilter::Metrics::register(&registry)?;
+        }
         let connections = server::connections::Limits::new(
             config.connections,
             Some(server::connections::Metrics::register(&registry)?),
@@ -132,6 +138,7 @@ impl App {
             node_name: config.node_name.clone(),
             key,
         });
+        let admin_metrics = admin::Metrics::register(&registry)?;
         Ok(Self {
             config,
             imds_listener,
@@ -146,6 +153,7 @@ impl App {
             netfilter,
             connections,
             startup_taint,
+            admin_metrics,
         })
     }
 
@@ -213,6 +221,7 @@ impl App {
         let admin = Arc::new(admin::Handler {
             registry: self.registry,
             ready,
+            metrics: self.admin_metrics,
         });
         // The admin endpoint outlives the IMDS drain so probes see "not ready" rather than a refusal.
         let admin_shutdown = CancellationToken::new();

@@ -128,6 +128,7 @@ mod tests {
             service_account_role: sa_role.map(Into::into),
             ips: vec![],
             running: true,
+            running_since: None,
             terminating: false,
         }
     }

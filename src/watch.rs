@@ -96,6 +96,9 @@ pub fn retry_delay(failures: u32, fraction: f64) -> Duration {
     full - (full / 2).mul_f64(fraction.clamp(0.0, 1.0))
 }
 
+/// Every `resource` label the agent's watches use; their series exist from start-up.
+pub const RESOURCES: &[&str] = &["pods", "serviceaccounts", "namespaces"];
+
 /// Watch metrics, labelled by resource.
 #[derive(Clone)]
 pub struct Metrics {
@@ -130,6 +133,17 @@ impl Metrics {
             &["resource", "cause"],
         )?;
         let silence = Silence::new()?;
+        for resource in RESOURCES {
+            errors.with_label_values(&[resource]);
+            for cause in [Relist::Initial, Relist::Gone, Relist::Idle] {
+                relists.with_label_values(&[resource, cause.label()]);
+            }
+            for event in ["listed", "apply", "delete", "bookmark"] {
+                events.with_label_values(&[resource, event]);
+            }
+            // Not heard from yet: silent since start-up.
+            silence.touch(resource);
+        }
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(relists.clone()))?;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of imds-broker, from a fresh machine: installs what the suite needs, checks the
-# TokenRequest admission policy (deploy/token-policy.yaml) with a CEL interpreter, builds once in
+# TokenRequest admission policy (deploy/token-policy.yaml) with a CEL interpreter and the alerting rules
+# (deploy/prometheus/) with promtool, builds once in
 # the dev profile, then runs formatting and lint checks, unit and integration tests (cargo-nextest),
 # the end-to-end suite (network namespaces + iptables + real SDKs; needs root), the benchmark smoke
 # run and a bounded fuzzing run (fuzz/run.sh). Exits non-zero on the first failure.
@@ -16,7 +17,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
 missing=()
-for pair in iptables:iptables conntrack:conntrack ip:iproute2 curl:curl; do
+# prometheus: Debian's promtool checks the alerting rules, and the e2e suite runs its prometheus binary.
+for pair in iptables:iptables conntrack:conntrack ip:iproute2 curl:curl promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
@@ -38,6 +40,9 @@ export IMDS_BROKER_TEST_PYTHON="$root/.venv/bin/python"
 # Seconds, and no build needed: first, so that a broken policy fails fast.
 step "admission policy (CEL)"
 .venv/bin/python -m pytest -q tests/policy
+
+step "alerting rules (promtool check, promtool test, the PrometheusRule component)"
+.venv/bin/python -m pytest -q tests/prometheus
 
 step "format and lints"
 cargo fmt --all -- --check
