@@ -126,7 +126,7 @@ impl App {
             .transpose()?;
         if netfilter.is_none() {
             // Zero, so dashboards and rules find the series without --iptables too (the split
-            // DaemonSet's capture container keeps its own counts).
+            // DaemonSet's capture container serves its own, `iptables reconcile --metrics-listen`).
             netfilter::Metrics::register(&registry)?;
         }
         let connections = server::connections::Limits::new(
