@@ -430,7 +430,9 @@ impl Cache {
                 slot.held = Some(held);
                 if !pod.first_counted.swap(true, Ordering::Relaxed) {
                     let now = OffsetDateTime::now_utc();
-                    (self.inner.metrics).first_session(workload.running_since, self.inner.started, now);
+                    self.inner
+                        .metrics
+                        .first_session(workload.running_since, self.inner.started, now);
                 }
                 Ok(session)
             }
@@ -473,7 +475,10 @@ impl Cache {
 
     /// Tells the headroom gauge the soonest expiry among the sessions held now.
     fn note_headroom(&self) {
-        let soonest = (self.inner.pods.iter())
+        let soonest = self
+            .inner
+            .pods
+            .iter()
             .filter_map(|(_, pod)| {
                 let slots = pod.lock();
                 slots
