@@ -36,6 +36,7 @@ pub struct App {
     connections: server::connections::Limits,
     startup_taint: Option<node_taint::Remover>,
     recorder: Option<events::Recorder>,
+    admin_metrics: admin::Metrics,
 }
 
 /// The Kubernetes client the agent needs: kube's own retries of 429/503/504 (exponential, for minutes)
@@ -126,6 +127,11 @@ impl App {
             .clone()
             .map(|c| netfilter::Reconciler::build(c, netfilter::System, &registry))
             .transpose()?;
+        if netfilter.is_none() {
+            // Zero, so dashboards and rules find the series without --iptables too (the split
+            // DaemonSet's capture container serves its own, `iptables reconcile --metrics-listen`).
+            netfilter::Metrics::register(&registry)?;
+        }
         let connections = server::connections::Limits::new(
             config.connections,
             Some(server::connections::Metrics::register(&registry)?),
@@ -135,6 +141,7 @@ impl App {
             node_name: config.node_name.clone(),
             key,
         });
+        let admin_metrics = admin::Metrics::register(&registry)?;
         Ok(Self {
             config,
             imds_listener,
@@ -150,6 +157,7 @@ impl App {
             connections,
             startup_taint,
             recorder,
+            admin_metrics,
         })
     }
 
@@ -218,6 +226,7 @@ impl App {
         let admin = Arc::new(admin::Handler {
             registry: self.registry,
             ready,
+            metrics: self.admin_metrics,
         });
         // The admin endpoint outlives the IMDS drain so probes see "not ready" rather than a refusal.
         let admin_shutdown = CancellationToken::new();

@@ -70,14 +70,21 @@ fn reconcile(args: &imds_broker::config::ReconcileArgs) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown::on_signals()?;
-        let registry = prometheus::Registry::new();
+        let registry = imds_broker::metrics::registry()?;
         let valid_for = config.reconcile_interval * 3;
         let reconciler = netfilter::Reconciler::build(config, netfilter::System, &registry)?;
         let (installed_tx, installed) = tokio::sync::watch::channel(false);
+        let admin = match args.metrics_listen {
+            Some(address) => Some(admin(address, &registry, installed.clone(), shutdown.clone()).await?),
+            None => None,
+        };
         tokio::join!(
             reconciler.run(installed_tx, shutdown.clone()),
             netfilter::status::vouch(installed, args.status_file.clone(), valid_for, shutdown.clone()),
         );
+        if let Some(task) = admin {
+            task.await?;
+        }
         anyhow::Ok(())
     });
     match result {
@@ -87,6 +94,36 @@ fn reconcile(args: &imds_broker::config::ReconcileArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `iptables reconcile --metrics-listen`: the reconcile counters, and ready while the capture is in
+/// place, for Prometheus and probes; stops with `shutdown`.
+async fn admin(
+    address: std::net::SocketAddr,
+    registry: &prometheus::Registry,
+    installed: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    use imds_broker::server::{self, admin, connections};
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding --metrics-listen {address}"))?;
+    let handler = std::sync::Arc::new(admin::Handler {
+        registry: registry.clone(),
+        ready: vec![installed],
+        metrics: admin::Metrics::register(registry)?,
+    });
+    Ok(tokio::spawn(server::serve(
+        listener,
+        move |_, request| {
+            let handler = handler.clone();
+            async move { handler.handle(request.uri().path()) }
+        },
+        connections::Limits::new(connections::Config { total: 64, per_ip: 16 }, None),
+        shutdown,
+        std::time::Duration::from_secs(1),
+    )))
 }
 
 /// The multi-threaded runtime, or `None` (said on stderr) when it cannot start.

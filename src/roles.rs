@@ -142,6 +142,7 @@ mod tests {
             service_account_unreadable: false,
             ips: vec![],
             running: true,
+            running_since: None,
             terminating: false,
         }
     }

@@ -255,6 +255,8 @@ impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
         }
     }
 }
+/// Every `resource` label the agent's watches use; their series exist from start-up.
+pub const RESOURCES: &[&str] = &["pods", "serviceaccounts", "namespaces"];
 
 /// Watch metrics, labelled by resource.
 #[derive(Clone)]
@@ -299,6 +301,17 @@ impl Metrics {
             &["resource"],
         )?;
         let silence = Silence::new()?;
+        for resource in RESOURCES {
+            errors.with_label_values(&[resource]);
+            for cause in [Relist::Initial, Relist::Gone, Relist::Idle] {
+                relists.with_label_values(&[resource, cause.label()]);
+            }
+            for event in ["listed", "apply", "delete", "bookmark"] {
+                events.with_label_values(&[resource, event]);
+            }
+            // Not heard from yet: silent since start-up.
+            silence.touch(resource);
+        }
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(unreadable.clone()))?;
         registry.register(Box::new(errors.clone()))?;

@@ -182,6 +182,9 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// `status.phase == Running`.
     pub running: bool,
+    /// When the pod started running: the earliest `startedAt` of its running containers (the kubelet
+    /// reports phase Running once one runs). For metrics only.
+    pub running_since: Option<OffsetDateTime>,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
 }

@@ -134,3 +134,96 @@ async fn a_server_that_does_not_manage_iptables_is_ready_only_while_the_capture_
     .await;
     let _ = std::fs::remove_file(&status);
 }
+
+/// Every `imds_broker_*` name in the dashboard and the alerting rules (histograms by their `_bucket`,
+/// `_count` or `_sum` series, as the expressions use them).
+fn names_used_by_dashboard_and_rules() -> std::collections::BTreeSet<String> {
+    let name = regex::Regex::new(r"imds_broker_[a-z0-9_]*[a-z0-9]").unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for file in [
+        "dashboards/imds-broker.json",
+        "deploy/prometheus/rules.yaml",
+        "deploy/components/prometheus-rules/prometheusrule.yaml",
+    ] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let found: Vec<String> = name.find_iter(&text).map(|m| m.as_str().to_owned()).collect();
+        assert!(!found.is_empty(), "no metric names in {file}");
+        names.extend(found);
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_series_the_dashboard_and_the_rules_use_exists_from_start_up() {
+    let cluster = Cluster::start().await;
+    // Freshly started: not even ready, no pod, no request, no exchange, no iptables.
+    let agent = cluster.agent_unready(&[]).await;
+    let metrics = agent.metrics().await;
+    let sampled: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    let names = names_used_by_dashboard_and_rules();
+    assert!(names.len() >= 15, "{names:?}");
+    let missing: Vec<&String> = names.iter().filter(|n| !sampled.contains(n.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "no series at start-up for {missing:?} in\n{metrics}"
+    );
+    // Labelled series the panels break down by exist for their known values, at zero.
+    for series in [
+        "imds_broker_watch_errors_total{resource=\"pods\"} 0",
+        "imds_broker_watch_errors_total{resource=\"namespaces\"} 0",
+        "imds_broker_iptables_repairs_total 0",
+        "imds_broker_iptables_reconciles_total{result=\"error\"} 0",
+        "imds_broker_sts_request_duration_seconds_count{outcome=\"sts_refused\"} 0",
+        "imds_broker_sa_token_request_duration_seconds_count{outcome=\"ok\"} 0",
+        "imds_broker_imds_tokens_rejected_total{reason=\"wrong_caller\"} 0",
+        // The text encoder writes +Inf as `inf`, which Go's ParseFloat (and so Prometheus) reads.
+        "imds_broker_credentials_expiry_headroom_seconds inf",
+        "imds_broker_credentials_first_delay_seconds_count 0",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    assert!(metrics.contains("imds_broker_watch_silence_seconds{resource=\"serviceaccounts\"}"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_tokens_and_sts_calls_are_counted() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", "127.0.0.51").role("app"));
+    let agent = cluster.agent(&[]).await;
+    let pod = agent.from("127.0.0.51");
+    let token = String::from_utf8(pod.token("60").await.body.to_vec()).unwrap();
+    pod.get(
+        "/latest/meta-data/iam/security-credentials/app",
+        &[("x-aws-ec2-metadata-token", &token)],
+    )
+    .await;
+    pod.get(
+        "/latest/meta-data/iam/security-credentials/app",
+        &[("x-aws-ec2-metadata-token", "garbage")],
+    )
+    .await;
+    let metrics = agent.metrics().await;
+    for series in [
+        "imds_broker_ready 1",
+        "imds_broker_imds_tokens_issued_total 1",
+        "imds_broker_imds_tokens_rejected_total{reason=\"malformed\"} 1",
+        "imds_broker_sts_request_duration_seconds_count{outcome=\"ok\"} 1",
+        "imds_broker_sa_token_request_duration_seconds_count{outcome=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    let headroom = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("imds_broker_credentials_expiry_headroom_seconds "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    // The STS double's sessions last an hour; the prefetched one was obtained moments ago.
+    assert!(headroom > 3000.0 && headroom <= 3600.0, "{headroom}");
+    agent.stop().await;
+}

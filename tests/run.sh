@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of imds-broker, from a fresh machine: installs what the suite needs, checks the
-# admission policies (deploy/) with a CEL interpreter, builds once in the dev profile, then runs
-# formatting and lint checks, the deploy/ checks (kustomize renders against the Kubernetes schemas and
-# the binary's --help, tests/deploy), unit and integration tests (cargo-nextest),
+# admission policies (deploy/) with a CEL interpreter and the alerting rules (deploy/prometheus/) with
+# promtool, builds once in the dev profile, then runs formatting and lint checks, the deploy/ checks
+# (kustomize renders against the Kubernetes schemas and the binary's --help, tests/deploy), unit and
+# integration tests (cargo-nextest),
 # the end-to-end suite (network namespaces + iptables + real SDKs; needs root), the benchmark smoke
 # run and a bounded fuzzing run (fuzz/run.sh). Exits non-zero on the first failure.
 #
@@ -17,7 +18,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
 missing=()
-for pair in iptables:iptables conntrack:conntrack ip:iproute2 curl:curl; do
+# prometheus: Debian's promtool checks the alerting rules, and the e2e suite runs its prometheus binary.
+for pair in iptables:iptables conntrack:conntrack ip:iproute2 curl:curl promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
@@ -25,6 +27,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "need root to install: ${missing[*]}" >&2; exit 1; fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian's package starts Prometheus (and its node exporter) as services; the suite runs its own.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
 fi
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
@@ -39,6 +45,9 @@ export IMDS_BROKER_TEST_PYTHON="$root/.venv/bin/python"
 # Seconds, and no build needed: first, so that a broken policy fails fast.
 step "admission policy (CEL)"
 .venv/bin/python -m pytest -q tests/policy
+
+step "alerting rules (promtool check, promtool test, the PrometheusRule component)"
+.venv/bin/python -m pytest -q tests/prometheus
 
 step "format and lints"
 cargo fmt --all -- --check

@@ -72,6 +72,7 @@ fn resolve(value: &str) {
         pod_role: pod.map(str::to_owned),
         service_account_role: sa.map(str::to_owned),
         service_account_unreadable: false,
+        running_since: None,
         ips: Vec::new(),
         running: true,
         terminating: false,

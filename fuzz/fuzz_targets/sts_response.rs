@@ -76,6 +76,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
             pod_role: None,
             service_account_role: None,
             service_account_unreadable: false,
+            running_since: None,
             ips: Vec::new(),
             running: true,
             terminating: false,

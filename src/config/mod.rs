@@ -173,6 +173,11 @@ pub struct ReconcileArgs {
     /// Where to vouch for the capture (a file on a volume shared with the server's container).
     #[arg(long, env = "IMDS_BROKER_CAPTURE_STATUS_FILE")]
     pub status_file: std::path::PathBuf,
+
+    /// Address of this container's /healthz, /readyz (the capture is in place) and /metrics (the
+    /// reconcile counters); unset: none. Not the server's port: both share the node's network.
+    #[arg(long, env = "IMDS_BROKER_CAPTURE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ReconcileArgs {

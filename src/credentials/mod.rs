@@ -23,6 +23,7 @@ pub use metrics::Metrics;
 pub use session::StsSession;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -136,6 +137,8 @@ struct Slot {
 #[derive(Default)]
 struct PodSessions {
     slots: Mutex<HashMap<RoleArn, Slot>>,
+    /// The pod's first session has been counted in the first-credentials histogram.
+    first_counted: AtomicBool,
 }
 
 impl PodSessions {
@@ -167,6 +170,8 @@ struct Inner {
     store: Store,
     metrics: Metrics,
     events: events::Sink,
+    /// When the cache was built: pods running before it are not counted as waiting for it.
+    started: OffsetDateTime,
     limiter: Limiter,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -225,6 +230,7 @@ impl Cache {
                 store,
                 metrics,
                 events,
+                started: OffsetDateTime::now_utc(),
                 limiter,
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
@@ -339,6 +345,7 @@ impl Cache {
             };
             this.record(&workload, &role, cause, started, &result);
             let outcome = this.settle(&pod, &workload, &role, result);
+            this.note_headroom();
             this.inner.metrics.in_flight.dec();
             sender.send_replace(Some(outcome));
         });
@@ -348,8 +355,15 @@ impl Cache {
     /// TokenRequest, then STS, then the session's timetable.
     async fn exchange(&self, workload: &Workload, role: &RoleArn) -> Result<Held, Error> {
         let inner = &self.inner;
-        let sa_token = inner.minter.mint(workload).await?;
-        let credentials = inner.exchanger.exchange(role, workload, &sa_token).await?;
+        let called = Instant::now();
+        let sa_token = inner.minter.mint(workload).await;
+        let outcome = sa_token.as_ref().map_or_else(sa_token::Error::kind, |_| "ok");
+        inner.metrics.sa_token_call(outcome, called.elapsed().as_secs_f64());
+        let called = Instant::now();
+        let credentials = inner.exchanger.exchange(role, workload, &sa_token?).await;
+        let outcome = credentials.as_ref().map_or_else(sts::Error::kind, |_| "ok");
+        inner.metrics.sts_call(outcome, called.elapsed().as_secs_f64());
+        let credentials = credentials?;
         let lifetime = (credentials.expiration - OffsetDateTime::now_utc())
             .try_into()
             .unwrap_or(Duration::ZERO);
@@ -417,6 +431,12 @@ impl Cache {
                 slot.failure = None;
                 slot.stale_logged = false;
                 slot.held = Some(held);
+                if !pod.first_counted.swap(true, Ordering::Relaxed) {
+                    let now = OffsetDateTime::now_utc();
+                    self.inner
+                        .metrics
+                        .first_session(workload.running_since, self.inner.started, now);
+                }
                 Ok(session)
             }
             Err(error) => {
@@ -453,6 +473,24 @@ impl Cache {
                 }
             }
         }
+        self.note_headroom();
+    }
+
+    /// Tells the headroom gauge the soonest expiry among the sessions held now.
+    fn note_headroom(&self) {
+        let soonest = self
+            .inner
+            .pods
+            .iter()
+            .filter_map(|(_, pod)| {
+                let slots = pod.lock();
+                slots
+                    .values()
+                    .filter_map(|slot| slot.held.as_ref().map(|h| h.session.credentials.expiration))
+                    .min()
+            })
+            .min();
+        self.inner.metrics.headroom.set(soonest);
     }
 
     /// Pods with sessions or remembered failures, exactly (pending evictions applied first).
@@ -596,6 +634,7 @@ impl Cache {
             }
             slots.retain(|role, _| wanted.contains(role));
         }
+        self.note_headroom();
         self.inner
             .metrics
             .pods

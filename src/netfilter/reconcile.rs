@@ -48,6 +48,9 @@ impl Metrics {
             "imds_broker_iptables_repairs_total",
             "Reconcile passes, after the first, that found our rules missing, changed or out of place",
         )?;
+        for result in ["unchanged", "installed", "repaired", "error"] {
+            reconciles.with_label_values(&[result]);
+        }
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(repairs.clone()))?;
         Ok(Self { reconciles, repairs })

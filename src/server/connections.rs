@@ -35,6 +35,9 @@ impl Metrics {
             ),
             &["limit"],
         )?;
+        for limit in ["total", "per_ip"] {
+            refused.with_label_values(&[limit]);
+        }
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         Ok(Self { open, refused })

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{Request, Response};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
@@ -49,6 +49,30 @@ pub struct Config {
 pub struct Metrics {
     requests: IntCounterVec,
     seconds: HistogramVec,
+    tokens_issued: IntCounter,
+    tokens_rejected: IntCounterVec,
+}
+
+/// Every `route` label (see [`Route::label`]; `other` is a request that was not routed).
+const ROUTES: &[&str] = &[
+    "token",
+    "iam",
+    "role_listing",
+    "credentials",
+    "info",
+    "metadata",
+    "other",
+];
+
+/// Why an IMDSv2 token was refused: at issue (`bad_ttl`, `forwarded`) or on use (the rest).
+const TOKEN_REJECTIONS: &[&str] = &["bad_ttl", "forwarded", "malformed", "wrong_caller", "expired"];
+
+fn rejection(invalid: imds_token::Invalid) -> &'static str {
+    match invalid {
+        imds_token::Invalid::Malformed => "malformed",
+        imds_token::Invalid::WrongCaller => "wrong_caller",
+        imds_token::Invalid::Expired => "expired",
+    }
 }
 
 impl Metrics {
@@ -71,9 +95,38 @@ impl Metrics {
             ]),
             &["route"],
         )?;
+        let tokens_issued = IntCounter::new(
+            "imds_broker_imds_tokens_issued_total",
+            "IMDSv2 tokens issued (PUT /latest/api/token answered 200)",
+        )?;
+        let tokens_rejected = IntCounterVec::new(
+            Opts::new(
+                "imds_broker_imds_tokens_rejected_total",
+                "IMDSv2 token requests refused (bad_ttl, forwarded) and tokens refused on use \
+                 (malformed, wrong_caller, expired)",
+            ),
+            &["reason"],
+        )?;
+        // Every route's series exist from the start, so dashboards show 0 before the first request.
+        for route in ROUTES {
+            seconds.with_label_values(&[route]);
+            if *route != "other" {
+                requests.with_label_values(&[route, "200", "ok"]);
+            }
+        }
+        for reason in TOKEN_REJECTIONS {
+            tokens_rejected.with_label_values(&[reason]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
-        Ok(Self { requests, seconds })
+        registry.register(Box::new(tokens_issued.clone()))?;
+        registry.register(Box::new(tokens_rejected.clone()))?;
+        Ok(Self {
+            requests,
+            seconds,
+            tokens_issued,
+            tokens_rejected,
+        })
     }
 }
 
@@ -157,8 +210,15 @@ impl Handler {
         };
         let tokenless = match headers.get("x-aws-ec2-metadata-token") {
             Some(token) => {
-                let token = token.to_str().map_err(|_| Failure::BadToken)?;
+                let Ok(token) = token.to_str() else {
+                    self.metrics.tokens_rejected.with_label_values(&["malformed"]).inc();
+                    return Err(Failure::BadToken);
+                };
                 if let Err(invalid) = self.imds_tokens.verify(token, peer, now) {
+                    self.metrics
+                        .tokens_rejected
+                        .with_label_values(&[rejection(invalid)])
+                        .inc();
                     refusal!(self, "bad_token", info, %peer, reason = %invalid, "refusing IMDSv2 request");
                     return Err(Failure::BadToken);
                 }
@@ -187,16 +247,21 @@ impl Handler {
     fn token<B>(&self, peer: IpAddr, request: &Request<B>, now: u64) -> Result<Response<Body>, Failure> {
         let headers = request.headers();
         if headers.contains_key("x-forwarded-for") {
+            self.metrics.tokens_rejected.with_label_values(&["forwarded"]).inc();
             refusal!(self, "forwarded", info, %peer, "refusing token request that came through a proxy (X-Forwarded-For)");
             return Err(Failure::Forwarded);
         }
-        let ttl = headers
+        let Some(ttl) = headers
             .get("x-aws-ec2-metadata-token-ttl-seconds")
             .and_then(|v| imds_token::parse_ttl(v.as_bytes()))
-            .ok_or(Failure::BadTtl)?;
+        else {
+            self.metrics.tokens_rejected.with_label_values(&["bad_ttl"]).inc();
+            return Err(Failure::BadTtl);
+        };
         if let Some(hops) = request.extensions().get::<HopLimit>() {
             hops.limit(self.config.token_hop_limit);
         }
+        self.metrics.tokens_issued.inc();
         Ok(response::token(self.imds_tokens.issue(peer, ttl, now), ttl))
     }
 

@@ -381,7 +381,11 @@ class Kube:
             "metadata": {"name": name, "namespace": ns, "annotations": annotations},
             "spec": {"nodeName": NODE, "serviceAccountName": service_account,
                      "containers": [{"name": "app", "image": "app"}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+            # As the kubelet reports a started pod: the container's start is the pod's Running time.
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "containerStatuses": [{
+                "name": "app", "image": "app", "imageID": "", "ready": True, "restartCount": 0,
+                "state": {"running": {"startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},
+            }]},
         })
 
     def delete_pod(self, ns: str, name: str) -> None:

@@ -70,17 +70,28 @@ def test_an_unprivileged_server_and_a_capture_container_serve_a_pod_its_role(nod
         server.start([], wait=False)
         harness.wait_for("the server to run as its user", lambda: capabilities(server.process.proc.pid).get("Uid", "")
                          .startswith(str(SERVER_UID)), timeout=10)
+        # Once it answers, setpriv has exec'd the agent: its capabilities and readiness are the agent's.
+        harness.wait_for("the server's admin port", lambda: harness.http(
+            "GET", f"http://127.0.0.1:{server.metrics_port}/healthz", timeout=2)[0] == 200, timeout=10)
         caps = capabilities(server.process.proc.pid)
         assert all(int(caps[c], 16) == 0 for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), caps
         assert not ready(server), "ready before the capture exists"
 
+        capture_metrics = harness.free_port()
         capture = harness.Process("split-capture", [
             str(IMDS_BROKER_BIN), "iptables", "reconcile",
             "--host-interface", node.net.host_if_pattern, "--node-ip", node.net.node_ip,
             "--listen", f"{node.net.node_ip}:{server.port}",
             "--iptables-reconcile-interval", "1s", "--status-file", str(status_file),
+            "--metrics-listen", f"127.0.0.1:{capture_metrics}",
         ], node.logs)
         server.wait_ready(timeout=30)
+        # The capture container's own counters, for Prometheus (the server has none of its passes).
+        capture_status, capture_text = harness.http("GET", f"http://127.0.0.1:{capture_metrics}/metrics")
+        assert capture_status == 200
+        assert 'imds_broker_iptables_reconciles_total{result="installed"} 1' in capture_text, capture_text
+        assert "imds_broker_iptables_repairs_total 0" in capture_text and "imds_broker_ready 1" in capture_text
+        assert harness.http("GET", f"http://127.0.0.1:{capture_metrics}/readyz")[0] == 200
         sdk = next(s for s in harness.sdks() if s.name == "boto3/botocore (current)")
         outcome = harness.run_sdk(sdk, pod, server, node.moto.url, node.home)
         passed = outcome.ok and f"assumed-role/{ROLE}/" in outcome.arn

@@ -124,8 +124,20 @@ pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Wo
         service_account_unreadable: false,
         ips,
         running: phase == Some("Running"),
+        running_since: running_since(pod),
         terminating: meta.deletion_timestamp.is_some(),
     })
+}
+
+/// The earliest start of the pod's running containers.
+fn running_since(pod: &Pod) -> Option<time::OffsetDateTime> {
+    let containers = pod.status.as_ref()?.container_statuses.as_deref()?;
+    let first = containers
+        .iter()
+        .filter_map(|c| c.state.as_ref()?.running.as_ref()?.started_at.as_ref())
+        .map(|at| at.0.as_nanosecond())
+        .min()?;
+    time::OffsetDateTime::from_unix_timestamp_nanos(first).ok()
 }
 
 /// Whether an indexable pod must be held rather than served, given the node's boot time.

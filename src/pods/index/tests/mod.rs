@@ -381,3 +381,21 @@ fn an_unreadable_service_account_marks_its_pods_until_it_is_read_or_deleted() {
     index.replace_service_accounts([&account(Some("arn:aws:iam::111111111111:role/y"))], &[]);
     assert_eq!(marked(&index), (false, Some("arn:aws:iam::111111111111:role/y".into())));
 }
+
+#[test]
+fn a_pods_running_time_is_its_earliest_running_containers_start() {
+    let w = workload_of(&pod("p", "uid-p", &["10.0.0.1"], None), None).unwrap();
+    assert_eq!(w.running_since, None, "no container status yet");
+    let mut p = with_container(pod("p", "uid-p", &["10.0.0.1"], None), true, BOOT + 90, 0);
+    let second = with_container(pod("p", "uid-p", &["10.0.0.1"], None), true, BOOT + 30, 0);
+    let terminated = with_container(pod("p", "uid-p", &["10.0.0.1"], None), false, BOOT + 10, 0);
+    let statuses = p.status.as_mut().unwrap().container_statuses.as_mut().unwrap();
+    statuses.extend(second.status.unwrap().container_statuses.unwrap());
+    // A terminated container's start is not a Running time.
+    statuses.extend(terminated.status.unwrap().container_statuses.unwrap());
+    let w = workload_of(&p, None).unwrap();
+    assert_eq!(
+        w.running_since,
+        Some(time::OffsetDateTime::from_unix_timestamp(BOOT + 30).unwrap())
+    );
+}
