@@ -81,6 +81,20 @@ CRD_SCHEMAS = {
                                 "path": {"type": "string", "pattern": "^/"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                                 "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "relabelings": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                            "targetLabel": {"type": "string", "minLength": 1},
+                                            "action": {"enum": ["replace", "keep", "drop", "labelmap"]},
+                                            "regex": {"type": "string"},
+                                            "replacement": {"type": "string"},
+                                        },
+                                    },
+                                },
                             },
                         },
                     },
@@ -252,8 +266,16 @@ def cli_problems(docs: list[dict], helps: dict[tuple[str, ...], Help]) -> list[s
                 flag = arg.split("=", 1)[0]
                 if flag not in help_.flags:
                     problems.append(f"{where}: {flag} is not a flag of `{command_line(words)}`")
-            for var in c.get("env") or []:
-                if var["name"] not in help_.env:
+            env = c.get("env") or []
+            for i, var in enumerate(env):
+                if "value" in var:
+                    defined = {v["name"] for v in env[:i]}
+                    for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(var["value"])):
+                        if ref not in defined:
+                            problems.append(f"{where}: {var['name']} refers to $({ref}), not defined before it (it would stay literal)")
+                # A variable only there to be referenced by a later one is not the binary's.
+                referenced = any(f"$({var['name']})" in str(v.get("value", "")) for v in env[i + 1:])
+                if var["name"] not in help_.env and not referenced:
                     problems.append(f"{where}: environment variable {var['name']} is not read by `{command_line(words)}`")
     if checked == 0:
         problems.append("no imds-broker container in the manifests")

@@ -328,3 +328,13 @@ def test_a_missing_uninstall_step_is_a_problem():
     docs = uninstall()
     spec_of(docs)["initContainers"][0]["name"] = "cleanup"
     one_problem(checks.uninstall_problems(docs, eks()), "no init container uninstall")
+
+
+def test_an_env_reference_to_a_variable_defined_later_is_a_problem():
+    help_ = checks.Help(flags={"--x"}, env={"NODE_IP", "LISTEN"})
+    doc = {"kind": "DaemonSet", "metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": [{
+        "name": "c", "image": "imds-broker:1", "args": [],
+        "env": [{"name": "LISTEN", "value": "$(NODE_IP):1"}, {"name": "NODE_IP", "value": "1.2.3.4"}],
+    }]}}}}
+    problems = checks.cli_problems([doc], {(): help_})
+    assert len(problems) == 1 and "$(NODE_IP)" in problems[0], problems

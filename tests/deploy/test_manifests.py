@@ -255,7 +255,21 @@ def test_the_pod_monitor_selects_the_agents_pods_and_its_metrics_port():
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ports = {p["name"] for c in checks.pod_spec(ds)["containers"] for p in c.get("ports", [])}
-    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics"} <= ports
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "capture-metrics"} <= ports
+    # The dashboard's and the alerts' `node` label comes from the pod's node.
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in endpoint["relabelings"]
+    # The capture container serves its counters on the node's address, port 9182.
+    capture = next(c for c in checks.pod_spec(ds)["containers"] if c["name"] == "capture")
+    env = {v["name"]: v for v in capture["env"]}
+    assert env["IMDS_BROKER_CAPTURE_METRICS_LISTEN"]["value"] == "$(CAPTURE_METRICS_IP):9182"
+    assert env["CAPTURE_METRICS_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+
+
+def test_without_the_monitoring_component_the_capture_container_opens_no_port():
+    for overlay in OVERLAYS:
+        capture = next(c for c in checks.pod_spec(daemonset(list(render_dir(f"overlays/{overlay}"))))["containers"] if c["name"] == "capture")
+        assert not capture.get("ports") and "IMDS_BROKER_CAPTURE_METRICS_LISTEN" not in {v["name"] for v in capture["env"]}
 
 
 # --- uninstall ---------------------------------------------------------------------------------------
