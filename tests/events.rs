@@ -54,6 +54,13 @@ async fn an_sts_refusal_is_a_warning_event_on_the_pod_naming_the_role_and_the_aw
     let note = event["note"].as_str().unwrap();
     assert!(note.contains(&role("app")) && note.contains("AccessDenied"), "{note}");
     assert!(!note.contains("eyJ"), "a token in the note: {note}");
+    // As `kubectl describe pod` lists it (shown with --no-capture).
+    println!(
+        "Events:\n  Type     Reason           From                  Message\n  {:<8} {:<16} {:<21} {note}",
+        event["type"].as_str().unwrap_or_default(),
+        event["reason"].as_str().unwrap_or_default(),
+        event["reportingController"].as_str().unwrap_or_default(),
+    );
     assert_eq!(
         agent
             .metric(
