@@ -8,6 +8,7 @@
 #   sudo deploy/image/build.sh                                # cargo build --release, then the image
 #   sudo deploy/image/build.sh --binary target/debug/imds-broker  # a binary built already (stripped copy)
 #   deploy/image/build.sh --podman-args                       # the podman flags it uses, one a line
+#   deploy/image/build.sh --image-name                        # the image it tags
 #
 # Environment: IMDS_BROKER_DEBIAN_SUITE (bookworm), IMDS_BROKER_DEBIAN_MIRROR (deb.debian.org),
 # IMDS_BROKER_STORAGE_DRIVER (overlay or vfs; found out when unset), IMDS_BROKER_REVISION (the
@@ -53,11 +54,15 @@ podman_args() {
   printf '%s\n' "${args[@]}"
 }
 
+version="$(sed -n '/^\[package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n1)"
+image="localhost/imds-broker:$version"
+
 binary=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --binary) [[ $# -ge 2 ]] || usage; binary="$2"; shift 2 ;;
     --podman-args) podman_args; exit 0 ;;
+    --image-name) echo "$image"; exit 0 ;;
     -h | --help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -84,9 +89,6 @@ echo "==> podman ${global[*]} (storage driver: $("${podman[@]}" info --format '{
 # podman's default limits exceed what some hosts (this CI's among them) allow a container.
 limits=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 
-version="$(sed -n '/^\[package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n1)"
-revision="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo "${IMDS_BROKER_REVISION:-unknown}")"
-image="localhost/imds-broker:$version"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -101,6 +103,13 @@ if [[ -z "$binary" ]]; then
 fi
 [[ -x "$binary" ]] || { echo "no executable at $binary" >&2; exit 1; }
 strip -o "$work/context/imds-broker" "$binary"
+# The revision label is the one the binary itself reports (build.rs), so a binary older than the
+# checkout is never labelled as HEAD; git (or IMDS_BROKER_REVISION) only for one that cannot run here.
+if reported="$("$work/context/imds-broker" --version 2>/dev/null)" && [[ "$reported" =~ \(rev\ ([^\)]+)\)$ ]]; then
+  revision="${BASH_REMATCH[1]}"
+else
+  revision="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo "${IMDS_BROKER_REVISION:-unknown}")"
+fi
 
 # The base: Debian's minimal system (apt included, for the Containerfile's package queries) with the
 # image's packages, keyed by everything that decides its contents. The Containerfile's package lists
@@ -140,10 +149,7 @@ fi
 # The image runs: the binary, its libraries, and the revision it was built from.
 said="$("${podman[@]}" run --rm "${limits[@]}" --network none "$image" --version)"
 echo "$said"
-[[ "$said" == "imds-broker $version (rev "* ]] || { echo "unexpected --version output" >&2; exit 1; }
-if [[ "$said" != *"(rev $revision)" ]]; then
-  echo "warning: the binary was built from another revision than $revision (the image's label)" >&2
-fi
+[[ "$said" == "imds-broker $version (rev $revision)" ]] || { echo "unexpected --version output" >&2; exit 1; }
 
 size="$("${podman[@]}" image inspect --format '{{.Size}}' "$image")"
 echo "==> $image: $((size / 1000000)) MB ($size bytes), built in $((SECONDS - started)) s"
