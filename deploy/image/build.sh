@@ -93,8 +93,9 @@ limits=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# The binary, in a build context of its own (the repository's target/ holds gigabytes).
-mkdir -p "$work/context/deploy/image"
+# The binary, in a build context of its own (the repository's target/ holds gigabytes), at the
+# Containerfile's default path (the one Containerfile.dockerignore lets through; podman reads it too).
+mkdir -p "$work/context/deploy/image" "$work/context/target/release"
 cp "$ROOT/deploy/image/iptables-backend" "$work/context/deploy/image/"
 if [[ -z "$binary" ]]; then
   echo "==> cargo build --release"
@@ -102,10 +103,11 @@ if [[ -z "$binary" ]]; then
   binary="$ROOT/target/release/imds-broker"
 fi
 [[ -x "$binary" ]] || { echo "no executable at $binary" >&2; exit 1; }
-strip -o "$work/context/imds-broker" "$binary"
+staged="$work/context/target/release/imds-broker"
+strip -o "$staged" "$binary"
 # The revision label is the one the binary itself reports (build.rs), so a binary older than the
 # checkout is never labelled as HEAD; git (or IMDS_BROKER_REVISION) only for one that cannot run here.
-if reported="$("$work/context/imds-broker" --version 2>/dev/null)" && [[ "$reported" =~ \(rev\ ([^\)]+)\)$ ]]; then
+if reported="$("$staged" --version 2>/dev/null)" && [[ "$reported" =~ \(rev\ ([^\)]+)\)$ ]]; then
   revision="${BASH_REMATCH[1]}"
 else
   revision="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo "${IMDS_BROKER_REVISION:-unknown}")"
@@ -136,9 +138,11 @@ fi
 previous="$("${podman[@]}" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
 echo "==> podman build $image (revision $revision)"
 # --network host: only used if the base lacks a package (apt-get then runs in the build).
-"${podman[@]}" build --network host "${limits[@]}" --pull=never \
+# --no-cache: buildah 1.28 reuses a cached LABEL step whatever the build arguments say (seen here:
+# the revision label of the previous build); the whole build takes seconds.
+"${podman[@]}" build --no-cache --network host "${limits[@]}" --pull=never \
   -f "$CONTAINERFILE" \
-  --build-arg BASE="$base" --build-arg BINARY=imds-broker \
+  --build-arg BASE="$base" \
   --build-arg VERSION="$version" --build-arg REVISION="$revision" \
   -t "$image" "$work/context"
 current="$("${podman[@]}" image inspect --format '{{.Id}}' "$image")"
