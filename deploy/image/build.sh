@@ -89,7 +89,6 @@ echo "==> podman ${global[*]} (storage driver: $("${podman[@]}" info --format '{
 # podman's default limits exceed what some hosts (this CI's among them) allow a container.
 limits=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 
-
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
