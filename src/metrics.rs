@@ -4,12 +4,14 @@
 
 use prometheus::{Encoder, IntGauge, Opts, Registry, TextEncoder};
 
-/// A registry with the build information gauge.
+/// A registry with the build information gauge: the crate's version and the git revision the binary
+/// was built from (`build.rs`).
 pub fn registry() -> prometheus::Result<Registry> {
     let registry = Registry::new();
     let info = IntGauge::with_opts(
         Opts::new("imds_broker_build_info", "Build information; the value is always 1")
-            .const_label("version", env!("CARGO_PKG_VERSION")),
+            .const_label("version", env!("CARGO_PKG_VERSION"))
+            .const_label("revision", env!("IMDS_BROKER_REVISION")),
     )?;
     info.set(1);
     registry.register(Box::new(info))?;

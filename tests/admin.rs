@@ -227,3 +227,25 @@ async fn readiness_tokens_and_sts_calls_are_counted() {
     assert!(headroom > 3000.0 && headroom <= 3600.0, "{headroom}");
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn the_build_info_metric_names_the_version_and_the_git_revision() {
+    let cluster = Cluster::start().await;
+    let agent = cluster.agent(&[]).await;
+    let metrics = agent.metrics().await;
+    let samples: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("imds_broker_build_info{"))
+        .collect();
+    // The encoder sorts labels by name.
+    let expected = format!(
+        "imds_broker_build_info{{revision=\"{}\",version=\"{}\"}} 1",
+        env!("IMDS_BROKER_REVISION"),
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(samples, [expected.as_str()], "in\n{metrics}");
+    assert!(
+        !env!("IMDS_BROKER_REVISION").is_empty() && !env!("IMDS_BROKER_REVISION").contains('"'),
+        "a revision label of its own"
+    );
+}

@@ -110,3 +110,33 @@ async fn the_agent_is_not_dumpable_even_by_its_own_user() {
     .await;
     assert!(hidden, "the agent is dumpable");
 }
+
+#[test]
+fn version_names_the_release_and_the_git_revision() {
+    let output = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+        .arg("--version")
+        .output()
+        .expect("run the agent binary");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let revision = stdout
+        .trim_end()
+        .strip_prefix(&format!("imds-broker {} (rev ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not `imds-broker <version> (rev <revision>)`: {stdout:?}"));
+    // Built from a git checkout (as this test is), the revision is that of HEAD: what build.rs read.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned());
+    match head {
+        Some(head) => assert_eq!(revision, head),
+        None => assert!(
+            !revision.is_empty() && revision == env!("IMDS_BROKER_REVISION"),
+            "outside git the revision is IMDS_BROKER_REVISION or `unknown`: {revision:?}"
+        ),
+    }
+}

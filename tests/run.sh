@@ -69,6 +69,11 @@ step "unit and integration tests"
 cargo nextest run --locked --no-fail-fast
 
 if [ -z "${SKIP_E2E:-}" ] && [ -x tests/e2e/run.sh ]; then
+  # The DaemonSet's image, around the dev binary just built; the e2e suite runs it (test_split_image.py).
+  step "agent image (deploy/image/build.sh)"
+  deploy/image/build.sh --binary target/debug/imds-broker
+  IMDS_BROKER_IMAGE="$(deploy/image/build.sh --image-name)"
+  export IMDS_BROKER_IMAGE
   step "end-to-end suite (network namespaces, iptables, real SDKs)"
   tests/e2e/run.sh
 fi

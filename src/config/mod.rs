@@ -12,10 +12,14 @@ use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
 use crate::{credentials, events, metadata, netfilter, sa_token, server, sts, watch};
 
+/// What `--version` prints after the name: the crate's version and the git revision it was built from
+/// (`build.rs`).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (rev ", env!("IMDS_BROKER_REVISION"), ")");
+
 /// imds-broker: per-pod AWS IAM credentials over an EC2-metadata-compatible endpoint, minted from
 /// pod-bound service-account tokens at STS. The node needs no AWS credentials.
 #[derive(Debug, Parser)]
-#[command(name = "imds-broker", version, about, long_about = None)]
+#[command(name = "imds-broker", version = VERSION, about, long_about = None)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     /// A maintenance command; without one, the agent runs.

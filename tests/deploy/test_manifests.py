@@ -11,6 +11,7 @@ API's, but defaulting, admission and CRD installation are not run), nor that the
 from __future__ import annotations
 
 import re
+import subprocess
 
 import kubernetes_validate
 import pytest
@@ -72,6 +73,15 @@ def test_every_flag_and_environment_variable_exists_in_the_binarys_help(rendered
 def test_every_image_is_the_cargo_version(rendered):
     target, docs = rendered
     assert checks.image_problems(docs, cargo_version(), others=PAUSE) == [], target
+
+
+def test_the_image_the_build_tags_is_the_one_the_manifests_name():
+    # podman keeps a locally built image under localhost/; a node pulls the overlay's images: name.
+    built = subprocess.run([str(ROOT / "deploy/image/build.sh"), "--image-name"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert built == f"localhost/{checks.IMAGE_NAME}:{cargo_version()}", built
+    base = yaml.safe_load((DEPLOY / "base/kustomization.yaml").read_text())
+    assert base["images"] == [{"name": checks.IMAGE_NAME, "newTag": cargo_version()}], base["images"]
 
 
 def test_the_agents_images_are_only_ours():

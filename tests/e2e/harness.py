@@ -249,8 +249,30 @@ class Topology:
         cleanup(self.net)
 
 
+# Containers of the image test (test_split_image.py) carry this label, valued with the harness prefix.
+PODMAN_LABEL = "imds-broker-e2e"
+# podman's default limits exceed what this CI's hosts allow a container.
+PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+_podman_argv: list[str] = []
+
+
+def podman_argv() -> list[str]:
+    """podman with the global flags deploy/image/build.sh builds with (runtime, cgroups, storage)."""
+    if not _podman_argv:
+        flags = run([str(ROOT / "deploy" / "image" / "build.sh"), "--podman-args"]).stdout.split()
+        _podman_argv.extend(["podman", *flags])
+    return _podman_argv
+
+
 def cleanup(net: Net) -> None:
     """Removes everything a harness with `net.prefix` may have created (idempotent, never raises)."""
+    # Containers first: a capture container left running would put its rules back.
+    if shutil.which("podman"):
+        with contextlib.suppress(Exception):
+            listed = run([*podman_argv(), "ps", "--all", "--quiet", "--filter",
+                          f"label={PODMAN_LABEL}={net.prefix}"], check=False).stdout.split()
+            if listed:
+                run([*podman_argv(), "rm", "--force", "--time", "5", *listed], check=False, timeout=60)
     namespaces = run(["ip", "netns", "list"], check=False).stdout
     for line in namespaces.splitlines():
         name = line.split()[0] if line.split() else ""
