@@ -993,16 +993,7 @@ impl State {
     fn insert(&mut self, kind: Kind, namespace: &str, name: &str, obj: Value) -> Arc<Value> {
         let existing = self.get(kind, namespace, name).cloned();
         let stored = Arc::new(self.stamp(kind, namespace, obj, existing.as_deref()));
-        self.objects
-            .entry(kind)
-            .or_default()
-            .insert((namespace.to_owned(), name.to_owned()), stored.clone());
-        let event = if existing.is_some() {
-            EventType::Modified
-        } else {
-            EventType::Added
-        };
-        self.record(kind, event, existing, stored.clone());
+        self.store(kind, namespace, name, existing, stored.clone());
         stored
     }
 
@@ -1012,7 +1003,11 @@ impl State {
         if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
         }
-        let stored = Arc::new(obj);
+        self.store(kind, namespace, name, existing, Arc::new(obj));
+    }
+
+    /// Stores `stored` under `namespace/name` and records it as Added, or Modified over `existing`.
+    fn store(&mut self, kind: Kind, namespace: &str, name: &str, existing: Option<Arc<Value>>, stored: Arc<Value>) {
         self.objects
             .entry(kind)
             .or_default()
