@@ -5,8 +5,9 @@
 //!
 //! The update is a read-modify-write with the Node's resourceVersion, so a concurrent change (the
 //! kubelet, another controller) makes it start over instead of being overwritten. Failures retry with
-//! the watches' capped backoff. RBAC lets the agent update Nodes; `deploy/node-policy.yaml` narrows
-//! that to its own Node and this one taint.
+//! the watches' capped backoff. RBAC lets the agent update Nodes; the admission policy of the
+//! `startup-taint` component (`deploy/components/startup-taint`) narrows that to its own Node and
+//! this one taint.
 
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;

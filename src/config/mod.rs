@@ -295,7 +295,8 @@ pub struct Args {
     pub shutdown_grace: Duration,
 
     /// Install and keep the iptables rules that send pods' 169.254.169.254 to this agent (needs
-    /// CAP_NET_ADMIN). Off by default in the binary; the DaemonSet turns it on.
+    /// CAP_NET_ADMIN), in this process. Off by default: the shipped DaemonSet runs them in its own
+    /// container instead (`imds-broker iptables reconcile`).
     #[arg(long, env = "IMDS_BROKER_IPTABLES")]
     pub iptables: bool,
 
