@@ -4,7 +4,6 @@
 //! and `--check` compares a published copy (a directory, and the same files served over HTTP) with the
 //! live keys.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -14,8 +13,8 @@ use hyper::body::Bytes;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::support::Cluster;
 use crate::support::fixtures::{ACCOUNT, role};
+use crate::support::{Cluster, jwt, wire};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -147,7 +146,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("imds-broker-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        let path = std::env::temp_dir().join(format!("imds-broker-{tag}-{}", jwt::random_uid()));
         std::fs::create_dir_all(&path).unwrap();
         Self(path)
     }
@@ -159,44 +158,27 @@ impl Drop for TempDir {
     }
 }
 
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(0u8)
-}
-
 /// Serves the files under `root` on a loopback port, as a bucket's website would (404 otherwise).
 async fn serve(root: PathBuf) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let root = root.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let path = root.join(request.uri().path().trim_start_matches('/'));
-                    async move {
-                        let response = match std::fs::read(&path) {
-                            Ok(body) if !request.uri().path().contains("..") => {
-                                http::Response::new(Full::new(Bytes::from(body)))
-                            }
-                            _ => http::Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::new()))
-                                .unwrap(),
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(wire::serve(
+        listener,
+        None,
+        move |request: http::Request<hyper::body::Incoming>| {
+            let path = request.uri().path().to_owned();
+            let file = root.join(path.trim_start_matches('/'));
+            async move {
+                match std::fs::read(&file) {
+                    Ok(body) if !path.contains("..") => http::Response::new(Full::new(Bytes::from(body))),
+                    _ => http::Response::builder()
+                        .status(404)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                }
+            }
+        },
+    ));
     addr
 }
 

@@ -191,9 +191,16 @@ pub fn write(documents: &Documents, dir: &Path) -> Result<Vec<PathBuf>, Error> {
 pub async fn published(location: &str) -> Result<Documents, Error> {
     let documents = if location.starts_with("http://") || location.starts_with("https://") {
         let base = trimmed(location);
+        let client = http_client().map_err(|reason| Error::Fetch {
+            url: location.to_owned(),
+            reason,
+        })?;
         Documents {
-            discovery: parse(DISCOVERY_PATH, &fetch(&format!("{base}/{DISCOVERY_PATH}")).await?)?,
-            jwks: parse(JWKS_PATH, &fetch(&format!("{base}/{JWKS_PATH}")).await?)?,
+            discovery: parse(
+                DISCOVERY_PATH,
+                &fetch(&client, &format!("{base}/{DISCOVERY_PATH}")).await?,
+            )?,
+            jwks: parse(JWKS_PATH, &fetch(&client, &format!("{base}/{JWKS_PATH}")).await?)?,
         }
     } else {
         let read = |relative: &str| {
@@ -212,20 +219,28 @@ pub async fn published(location: &str) -> Result<Documents, Error> {
     Ok(documents)
 }
 
-async fn fetch(url: &str) -> Result<Vec<u8>, Error> {
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
+
+/// An HTTP(S) client trusting the system's CA certificates.
+fn http_client() -> Result<HttpClient, String> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| format!("no CA certificates: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector))
+}
+
+async fn fetch(client: &HttpClient, url: &str) -> Result<Vec<u8>, Error> {
     let failed = |reason: String| Error::Fetch {
         url: url.to_owned(),
         reason,
     };
     let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| failed(e.to_string()))?;
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| failed(format!("no CA certificates: {e}")))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, Empty<Bytes>>(connector);
     let response = tokio::time::timeout(FETCH_TIMEOUT, client.get(uri))
         .await
         .map_err(|_| failed(format!("no answer within {FETCH_TIMEOUT:?}")))?
@@ -366,9 +381,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_https_fetch_has_a_tls_stack_and_fails_with_the_url_named() {
-        // Port 9 on loopback: nothing listens. The TLS configuration (crypto provider, roots) is built
-        // before connecting, so a missing provider would panic here.
-        let error = fetch("https://127.0.0.1:9/x").await.unwrap_err().to_string();
+        // Port 9 on loopback: nothing listens. Building the client builds the TLS configuration (crypto
+        // provider, roots), so a missing provider would panic here.
+        let client = http_client().unwrap();
+        let error = fetch(&client, "https://127.0.0.1:9/x").await.unwrap_err().to_string();
         assert!(error.contains("https://127.0.0.1:9/x"), "{error}");
     }
 }
