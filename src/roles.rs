@@ -49,6 +49,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether an annotation's value is at fault (the pod owner's to fix), not the agent's view.
+    pub fn is_annotation(&self) -> bool {
+        matches!(self, Error::Invalid { .. } | Error::NoBaseArn { .. })
+    }
+
     /// A closed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

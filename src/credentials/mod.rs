@@ -560,14 +560,12 @@ impl Cache {
                     }
                 }
                 Ok(None) => self.evict(&workload.uid, None).await,
-                // Not the owner's to fix (the agent cannot decode the object): no Event.
-                Err(error @ crate::roles::Error::UnreadableServiceAccount { .. }) => {
-                    tracing::warn!(pod = %workload.key(), %error, "refusing credentials until the service account can be read");
-                    self.evict(&workload.uid, None).await;
-                }
                 Err(error) => {
-                    tracing::warn!(pod = %workload.key(), %error, "refusing credentials: invalid role annotation");
-                    self.inner.events.invalid_role(&workload, &error);
+                    tracing::warn!(pod = %workload.key(), %error, "refusing credentials");
+                    // An annotation is the pod owner's to fix; an object the agent cannot decode is not.
+                    if error.is_annotation() {
+                        self.inner.events.invalid_role(&workload, &error);
+                    }
                     self.evict(&workload.uid, None).await;
                 }
             },
