@@ -37,6 +37,14 @@ pub fn holds(contents: &str, now: u64) -> bool {
         .is_some_and(|until| now < until)
 }
 
+/// The whole unix second a vouch made at `now` (truncated to its second) stays good until: `valid_for`
+/// rounded up, plus the second `now` was truncated by, so a sub-second `valid_for` never lapses before
+/// it has passed.
+fn fresh_until(now: u64, valid_for: Duration) -> u64 {
+    let whole = valid_for.as_secs() + u64::from(valid_for.subsec_nanos() > 0);
+    now + whole.max(1) + 1
+}
+
 /// The capture side: renews the file for `valid_for` after every pass that left the rules in place
 /// (`installed` true), withdraws it after a failed pass and on `shutdown`.
 pub async fn vouch(
@@ -51,7 +59,7 @@ pub async fn vouch(
             changed = installed.changed() => if changed.is_err() { break },
         }
         let until = if *installed.borrow_and_update() {
-            unix_now() + valid_for.as_secs().max(1)
+            fresh_until(unix_now(), valid_for)
         } else {
             0
         };
@@ -80,6 +88,17 @@ pub async fn follow(path: PathBuf, ready: watch::Sender<bool>, shutdown: Cancell
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vouch_lasts_at_least_its_validity_whatever_the_fraction_of_the_second() {
+        // Written at 5.99 s (truncated to 5) for 0.6 s: still good at 6.59 s (second 6).
+        let until = fresh_until(5, Duration::from_millis(600));
+        assert!(holds(&format!("fresh-until {until}"), 6));
+        // 30 s from second 100 (written anywhere in it): good through second 130, gone by 132.
+        let until = fresh_until(100, Duration::from_secs(30));
+        assert!(holds(&format!("fresh-until {until}"), 130));
+        assert!(!holds(&format!("fresh-until {until}"), 132));
+    }
 
     #[test]
     fn the_file_holds_until_its_time_and_not_when_garbled() {
