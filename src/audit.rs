@@ -23,9 +23,8 @@ pub fn issued(workload: &Workload, role: &RoleArn, cause: &'static str, credenti
         .expiration
         .format(&Rfc3339)
         .unwrap_or_else(|_| credentials.expiration.unix_timestamp().to_string());
-    // `target:` must be a literal for tracing's static callsite; it is TARGET.
     tracing::info!(
-        target: "imds_broker::audit",
+        target: TARGET,
         pod_namespace = %workload.namespace,
         pod_name = %workload.name,
         pod_uid = %workload.uid,

@@ -135,7 +135,7 @@ async fn each_credential_issued_is_one_json_audit_line_without_any_secret() {
         .text()
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| line["target"] == "imds_broker::audit")
+        .filter(|line| line["target"] == imds_broker::audit::TARGET)
         .collect();
     // Three requests served, one credential issued.
     assert_eq!(lines.len(), 1, "{lines:#?}");

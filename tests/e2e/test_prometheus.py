@@ -181,8 +181,12 @@ def test_prometheus_scrapes_the_agent_and_every_panel_and_alert_expression_has_s
             evaluate(f"alert {alert} (compared value)", value)
             selectors(f"alert {alert}", value)
 
-        # The check catches a misspelled name: such a selector has no series.
-        assert prometheus.query("imds_broker_credentials_expiry_headrom_seconds") == []
+        # The check itself catches a misspelled name: its selector is a failure ("no series").
+        before = len(failures)
+        selectors("canary", "min(imds_broker_credentials_expiry_headrom_seconds)")
+        canary = failures[before:]
+        del failures[before:]
+        assert len(canary) == 1 and canary[0].endswith("no series"), canary
         # The first credentials of the pod started above were counted, with a plausible delay.
         first = prometheus.query(f'imds_broker_credentials_first_delay_seconds_count{{node="{NODE}"}}')
         assert first and float(first[0]["value"][1]) >= 1, first
