@@ -6,7 +6,7 @@
 //! Every labelled series is created at registration for each value its closed label set can take, so
 //! dashboards show 0 rather than "No data" and rules can tell a missing agent from a quiet one.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -184,9 +184,12 @@ fn first_delay(running_since: Option<OffsetDateTime>, started: OffsetDateTime, n
 /// sessions, computed when scraped from the expiry the cache last reported; `+Inf` while none is cached.
 #[derive(Clone)]
 pub(super) struct Headroom {
-    soonest: Arc<Mutex<Option<OffsetDateTime>>>,
+    soonest: Arc<OnceLock<Soonest>>,
     gauge: Gauge,
 }
+
+/// Reads the soonest expiry among the cached sessions, when scraped.
+type Soonest = Box<dyn Fn() -> Option<OffsetDateTime> + Send + Sync>;
 
 impl Headroom {
     fn new() -> prometheus::Result<Self> {
@@ -201,9 +204,12 @@ impl Headroom {
         })
     }
 
-    /// The soonest expiry among the cached sessions now.
-    pub(super) fn set(&self, soonest: Option<OffsetDateTime>) {
-        *self.soonest.lock().expect("headroom lock poisoned") = soonest;
+    /// Where the soonest expiry is read from at each scrape (the cache, once it exists); scanning the
+    /// sessions once per scrape keeps that work off exchanges and watch events.
+    pub(super) fn read_from(&self, soonest: impl Fn() -> Option<OffsetDateTime> + Send + Sync + 'static) {
+        if self.soonest.set(Box::new(soonest)).is_err() {
+            tracing::warn!("the headroom gauge already has a source; keeping the first");
+        }
     }
 }
 
@@ -213,7 +219,7 @@ impl Collector for Headroom {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let soonest = *self.soonest.lock().expect("headroom lock poisoned");
+        let soonest = self.soonest.get().and_then(|soonest| soonest());
         let seconds = soonest.map_or(f64::INFINITY, |at| (at - OffsetDateTime::now_utc()).as_seconds_f64());
         self.gauge.set(seconds);
         self.gauge.collect()
@@ -225,6 +231,7 @@ mod tests {
     use super::*;
     use crate::credentials::Error;
     use crate::{sa_token, sts};
+    use std::sync::Mutex;
     use time::macros::datetime;
 
     #[test]
@@ -311,13 +318,15 @@ mod tests {
                 .map(|f| f.get_metric()[0].get_gauge().get_value())
                 .unwrap()
         };
-        assert_eq!(value(&registry), f64::INFINITY);
-        metrics
-            .headroom
-            .set(Some(OffsetDateTime::now_utc() + time::Duration::minutes(20)));
+        assert_eq!(value(&registry), f64::INFINITY, "no source yet");
+        let soonest = Arc::new(Mutex::new(Some(
+            OffsetDateTime::now_utc() + time::Duration::minutes(20),
+        )));
+        let source = soonest.clone();
+        metrics.headroom.read_from(move || *source.lock().unwrap());
         let seconds = value(&registry);
         assert!((1190.0..=1200.0).contains(&seconds), "{seconds}");
-        metrics.headroom.set(None);
+        *soonest.lock().unwrap() = None;
         assert_eq!(value(&registry), f64::INFINITY);
     }
 

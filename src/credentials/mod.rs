@@ -202,6 +202,19 @@ impl Cause {
     }
 }
 
+/// The soonest expiry among the sessions held in `pods` (for the headroom gauge, at each scrape).
+fn soonest_expiry(pods: &moka::future::Cache<String, Arc<PodSessions>>) -> Option<OffsetDateTime> {
+    pods.iter()
+        .filter_map(|(_, pod)| {
+            let slots = pod.lock();
+            slots
+                .values()
+                .filter_map(|slot| slot.held.as_ref().map(|h| h.session.credentials.expiration))
+                .min()
+        })
+        .min()
+}
+
 impl Cache {
     /// A cache minting with `minter`, exchanging with `exchanger`, resolving roles with `resolver`,
     /// reporting failures a pod's owner can fix to `events`.
@@ -220,6 +233,8 @@ impl Cache {
             .time_to_live(Duration::from_secs(12 * 3600 + 60))
             .build();
         let limiter = Limiter::new(config.concurrency, config.rate);
+        let sessions = pods.clone();
+        metrics.headroom.read_from(move || soonest_expiry(&sessions));
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -345,7 +360,6 @@ impl Cache {
             };
             this.record(&workload, &role, cause, started, &result);
             let outcome = this.settle(&pod, &workload, &role, result);
-            this.note_headroom();
             this.inner.metrics.in_flight.dec();
             sender.send_replace(Some(outcome));
         });
@@ -473,24 +487,6 @@ impl Cache {
                 }
             }
         }
-        self.note_headroom();
-    }
-
-    /// Tells the headroom gauge the soonest expiry among the sessions held now.
-    fn note_headroom(&self) {
-        let soonest = self
-            .inner
-            .pods
-            .iter()
-            .filter_map(|(_, pod)| {
-                let slots = pod.lock();
-                slots
-                    .values()
-                    .filter_map(|slot| slot.held.as_ref().map(|h| h.session.credentials.expiration))
-                    .min()
-            })
-            .min();
-        self.inner.metrics.headroom.set(soonest);
     }
 
     /// Pods with sessions or remembered failures, exactly (pending evictions applied first).
@@ -632,7 +628,6 @@ impl Cache {
             }
             slots.retain(|role, _| wanted.contains(role));
         }
-        self.note_headroom();
         self.inner
             .metrics
             .pods
