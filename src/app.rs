@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::credentials::Cache;
-use crate::metadata::Metadata;
+use crate::metadata::{self, Metadata};
 use crate::pods::Store;
 use crate::server::admin;
 use crate::server::imds;
@@ -31,6 +31,7 @@ pub struct App {
     imds: Arc<imds::Handler>,
     watcher: pods::watch::Watcher,
     namespace_watcher: namespaces::Watcher,
+    placement_watcher: Option<metadata::placement::Watcher>,
     events: mpsc::Receiver<pods::Event>,
     netfilter: Option<netfilter::Reconciler<netfilter::System>>,
     connections: server::connections::Limits,
@@ -58,6 +59,24 @@ impl App {
             .await
             .with_context(|| format!("binding the admin endpoint on {}", config.metrics_listen))?;
         let registry = crate::metrics::registry()?;
+        // The STS region is fixed for the agent's life: from the flag, else the Node's label, now.
+        let node_placement = match &config.region {
+            Some(_) => metadata::Placement::default(),
+            None => metadata::placement::read_node(&client, &config.node_name)
+                .await
+                .context("no --region given, so the region comes from this node's labels")?,
+        };
+        let region = config
+            .region
+            .clone()
+            .or_else(|| node_placement.region.clone())
+            .with_context(|| {
+                format!(
+                    "no --region given, and Node {} has no {} label: set one of them",
+                    config.node_name,
+                    metadata::placement::REGION_LABEL
+                )
+            })?;
         let boot_time = match pods::boot_time() {
             Ok(boot_time) => Some(boot_time),
             Err(error) => {
@@ -81,7 +100,7 @@ impl App {
         let cache = Cache::new(
             config.credentials.clone(),
             sa_token::Minter::new(client.clone(), config.sa_token.clone()),
-            sts::Exchanger::new(&config.sts),
+            sts::Exchanger::new(&config.sts, &region),
             config.roles.clone(),
             store.clone(),
             credentials::Metrics::register(&registry)?,
@@ -104,7 +123,19 @@ impl App {
                 Issuer::random()
             }
         };
-        let metadata = Metadata::build(config.metadata.clone()).await;
+        let (placement_tx, placement) =
+            metadata::placement::Watcher::channel(&config.metadata.flags, &node_placement, &region);
+        let metadata = Metadata::build(config.metadata.clone(), placement).await;
+        // Only synthesised answers follow the Node; upstream, EC2's own IMDS knows where it is.
+        let placement_watcher = metadata.is_synthetic().then(|| metadata::placement::Watcher {
+            client: client.clone(),
+            node_name: config.node_name.clone(),
+            flags: config.metadata.flags.clone(),
+            region: region.clone(),
+            out: placement_tx,
+            watch_config: config.watch.clone(),
+            watch_metrics: watch_metrics.clone(),
+        });
         let namespace_policy = namespaces::Policy::new();
         let namespace_watcher = namespaces::Watcher {
             client: client.clone(),
@@ -152,6 +183,7 @@ impl App {
             imds,
             watcher,
             namespace_watcher,
+            placement_watcher,
             events,
             netfilter,
             connections,
@@ -189,6 +221,7 @@ impl App {
         let background = CancellationToken::new();
         let watch_task = tokio::spawn(self.watcher.run(background.clone()));
         let namespace_task = tokio::spawn(self.namespace_watcher.run(background.clone()));
+        let placement_task = self.placement_watcher.map(|w| tokio::spawn(w.run(background.clone())));
         let cache_task = tokio::spawn(self.cache.run(self.events, ready_tx.clone(), background.clone()));
         let events_task = self.recorder.map(|r| tokio::spawn(r.run(background.clone())));
         // The capture rules are never removed here: while the agent is down pods must be refused, not
@@ -250,6 +283,9 @@ impl App {
         background.cancel();
         watch_task.await.context("pod watch task")?;
         namespace_task.await.context("namespace watch task")?;
+        if let Some(task) = placement_task {
+            task.await.context("node placement watch task")?;
+        }
         cache_task.await.context("credential cache task")?;
         if let Some(task) = events_task {
             task.await.context("pod events task")?;

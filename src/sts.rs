@@ -20,8 +20,6 @@ use crate::workload::{Credentials, RoleArn, Secret, Workload};
 /// STS settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `--region`: selects the regional STS endpoint.
-    pub region: String,
     /// `--sts-endpoint`: overrides the endpoint (a VPC endpoint, a test double).
     pub endpoint: Option<String>,
     /// `--session-duration`.
@@ -122,20 +120,20 @@ pub struct Exchanger {
 
 impl Exchanger {
     /// Builds the STS client. No credentials provider is configured, on purpose.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, region: &str) -> Self {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
-        Self::with_http_client(config, http)
+        Self::with_http_client(config, region, http)
     }
 
     /// [`Exchanger::new`] over another HTTP client, for tests and fuzzing (a client that answers every
     /// request with canned bytes); the agent itself always uses [`Exchanger::new`].
     #[doc(hidden)]
-    pub fn with_http_client(config: &Config, http: SharedHttpClient) -> Self {
+    pub fn with_http_client(config: &Config, region: &str, http: SharedHttpClient) -> Self {
         let mut builder = aws_sdk_sts::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(config.region.clone()))
+            .region(Region::new(region.to_owned()))
             .http_client(http)
             // One HTTP call per exchange: the cache retries with its own jittered backoff, per pod, so a
             // failing STS sees one call per backoff step instead of the SDK's three.

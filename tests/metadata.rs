@@ -1,6 +1,6 @@
 //! The metadata surface besides credentials: in EC2 mode an allow-list proxied to the node's IMDS (a
 //! loopback double here) with a hard deny-list behind it; on-prem, region, zone and identity
-//! synthesised from flags; listings that show only what is served; hardened request parsing on the
+//! synthesised from flags or the Node's labels (followed without a restart); listings that show only what is served; hardened request parsing on the
 //! wire; IMDSv2 tokens that survive a restart when keyed from a file.
 
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 use crate::support::Cluster;
-use crate::support::agent::{Agent, eventually, sdk::FromAddress};
+use crate::support::agent::{Agent, NODE, eventually, sdk::FromAddress};
 use crate::support::fixtures::{pod, role};
 use crate::support::kube;
 use crate::support::upstream::{FakeImds, NODE_SECRET, TREE};
@@ -465,4 +465,165 @@ async fn a_namespace_annotated_imdsv2_required_refuses_token_less_requests_from_
         other.get(region, &[]).await.status == StatusCode::UNAUTHORIZED
     })
     .await;
+}
+
+/// Stores the agent's Node ([`NODE`]) with these labels and providerID, as the API server would.
+fn label_node(cluster: &Cluster, labels: &[(&str, &str)], provider_id: Option<&str>) {
+    let labels: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
+    cluster.kube.upsert(
+        kube::Kind::Node,
+        serde_json::json!({
+            "metadata": { "name": NODE, "namespace": "", "labels": labels },
+            "spec": { "providerID": provider_id },
+        }),
+    );
+}
+
+const EKS_LABELS: &[(&str, &str)] = &[
+    ("topology.kubernetes.io/region", "eu-central-1"),
+    ("topology.kubernetes.io/zone", "eu-central-1b"),
+    ("topology.k8s.aws/zone-id", "euc1-az3"),
+];
+
+#[tokio::test]
+async fn without_flags_region_zone_and_instance_come_from_the_nodes_labels() {
+    let cluster = Cluster::start().await;
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&pod("p", POD_IP).role("app"));
+    label_node(&cluster, EKS_LABELS, Some("aws:///eu-central-1b/i-0123456789abcdef0"));
+    let agent = cluster.agent(&["--region", "", "--upstream-imds", "none"]).await;
+    let caller = agent.from(POD_IP);
+    let text = |path: &'static str| async move {
+        let reply = caller.get(path, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        reply.text()
+    };
+    assert_eq!(text("/latest/meta-data/placement/region").await, "eu-central-1");
+    assert_eq!(text("/latest/meta-data/placement/region/").await, "eu-central-1");
+    assert_eq!(
+        text("/latest/meta-data/placement/availability-zone/").await,
+        "eu-central-1b"
+    );
+    assert_eq!(
+        text("/latest/meta-data/placement/availability-zone").await,
+        "eu-central-1b"
+    );
+    assert_eq!(
+        text("/latest/meta-data/placement/availability-zone-id").await,
+        "euc1-az3"
+    );
+    assert_eq!(
+        text("/latest/meta-data/placement/").await,
+        "availability-zone\navailability-zone-id\nregion"
+    );
+    assert_eq!(text("/latest/meta-data/instance-id").await, "i-0123456789abcdef0");
+    let document: serde_json::Value =
+        serde_json::from_str(&text("/latest/dynamic/instance-identity/document").await).unwrap();
+    assert_eq!(document["region"], "eu-central-1");
+    assert_eq!(document["availabilityZone"], "eu-central-1b");
+    assert_eq!(document["instanceId"], "i-0123456789abcdef0");
+    assert_eq!(document["accountId"], "111111111111", "the account of the pod's role");
+    assert_eq!(document["synthetic"], "true");
+    assert_eq!(rust_sdk_region(&agent).await.as_deref(), Some("eu-central-1"));
+    // The region also chose STS's endpoint; the double answers for every region, so credentials flow.
+    let credentials = caller.get("/latest/meta-data/iam/security-credentials/app", &[]).await;
+    assert_eq!(credentials.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_relabelled_node_is_answered_without_a_restart_and_flags_win_over_labels() {
+    let cluster = Cluster::start().await;
+    cluster.add_pod(&pod("p", POD_IP));
+    label_node(&cluster, EKS_LABELS, None);
+    let agent = cluster.agent(&["--region", "", "--upstream-imds", "none"]).await;
+    let caller = agent.from(POD_IP);
+    let zone = || async { caller.get("/latest/meta-data/placement/availability-zone", &[]).await };
+    assert_eq!(zone().await.text(), "eu-central-1b");
+    label_node(
+        &cluster,
+        &[
+            ("topology.kubernetes.io/region", "eu-central-1"),
+            ("topology.kubernetes.io/zone", "eu-central-1c"),
+        ],
+        None,
+    );
+    eventually("the new zone label served", || async {
+        zone().await.text() == "eu-central-1c"
+    })
+    .await;
+    let zone_id = caller
+        .get("/latest/meta-data/placement/availability-zone-id", &[])
+        .await;
+    assert_eq!(zone_id.status, StatusCode::NOT_FOUND, "the label is gone, so is the id");
+    // A zone label outside the region is no AWS zone: not served (botocore would cut a region from it).
+    label_node(&cluster, &[("topology.kubernetes.io/zone", "rack-12")], None);
+    eventually("the odd zone withdrawn", || async {
+        zone().await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert_eq!(
+        caller.get("/latest/meta-data/placement/region", &[]).await.text(),
+        "eu-central-1",
+        "the region read at start stays"
+    );
+
+    let flagged = cluster
+        .agent(&[
+            "--region",
+            "us-east-1",
+            "--availability-zone",
+            "us-east-1d",
+            "--upstream-imds",
+            "none",
+        ])
+        .await;
+    let caller = flagged.from(POD_IP);
+    // Flags never yield to the labels, so wait for what only the Node can change (the instance id,
+    // from its providerID) to know the watch has delivered it, then check the flags still stand.
+    label_node(&cluster, EKS_LABELS, Some("aws:///eu-central-1b/i-0fedcba9876543210"));
+    eventually("the Node seen", || async {
+        caller.get("/latest/meta-data/instance-id", &[]).await.text() == "i-0fedcba9876543210"
+    })
+    .await;
+    assert_eq!(
+        caller.get("/latest/meta-data/placement/region", &[]).await.text(),
+        "us-east-1"
+    );
+    assert_eq!(
+        caller
+            .get("/latest/meta-data/placement/availability-zone", &[])
+            .await
+            .text(),
+        "us-east-1d"
+    );
+    assert_eq!(
+        caller
+            .get("/latest/meta-data/placement/availability-zone-id", &[])
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn no_region_flag_and_no_region_label_is_a_start_up_error_that_says_what_to_set() {
+    let cluster = Cluster::start().await;
+    let build = |cluster: &Cluster| {
+        let config = crate::support::agent::config(&cluster.sts.url(), &["--region", ""]);
+        let client = imds_broker::app::kube_client(::kube::Config::new(cluster.kube.url().parse().unwrap())).unwrap();
+        imds_broker::app::App::build(config, client)
+    };
+    let Err(error) = build(&cluster).await else {
+        panic!("built without a region")
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("--region") && message.contains("404"), "{message}");
+
+    label_node(&cluster, &[("topology.kubernetes.io/zone", "eu-west-1a")], None);
+    let Err(error) = build(&cluster).await else {
+        panic!("built without a region")
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("topology.kubernetes.io/region"), "{message}");
 }

@@ -2,7 +2,8 @@
 //!
 //! Input: `METHOD SP target` (no space: the whole input is a `GET` target), the way a request line
 //! reaches the router. Checks that routing never panics and that whatever is routed is exactly its
-//! canonical path, with at most the one tolerated trailing slash: nothing is decoded, resolved or
+//! canonical path, with at most the one tolerated trailing slash (and the one tolerated doubled leading
+//! slash): nothing is decoded, resolved or
 //! normalised on the way to a handler.
 
 #![no_main]
@@ -35,6 +36,8 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check(routed: &Route, path: &str) {
+    // The one doubled leading slash read as one (the JS v3 MetadataService's).
+    let path = path.strip_prefix('/').filter(|p| p.starts_with('/')).unwrap_or(path);
     let canonical = routed.path();
     assert!(
         path == canonical || path.strip_suffix('/') == Some(canonical.as_str()),

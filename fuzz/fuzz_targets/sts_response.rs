@@ -58,12 +58,11 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         .build()
         .expect("a runtime");
     let config = Config {
-        region: "us-east-1".into(),
         endpoint: None,
         session_duration: Duration::from_secs(3600),
     };
     // The SDK builds its client inside a runtime (its default sleep is tokio's).
-    let exchanger = runtime.block_on(async { Exchanger::with_http_client(&config, SharedHttpClient::new(Canned)) });
+    let exchanger = runtime.block_on(async { Exchanger::with_http_client(&config, "us-east-1", SharedHttpClient::new(Canned)) });
     Harness {
         runtime,
         exchanger,

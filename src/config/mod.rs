@@ -206,7 +206,8 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_METRICS_LISTEN", default_value = "0.0.0.0:9181")]
     pub metrics_listen: SocketAddr,
 
-    /// AWS region whose STS endpoint is used, sts.<region>.amazonaws.com (required).
+    /// AWS region whose STS endpoint is used (sts.<region>.amazonaws.com) and served to pods; unset:
+    /// the agent's Node's topology.kubernetes.io/region label, read at start.
     #[arg(long, env = "AWS_REGION")]
     pub region: Option<String>,
 
@@ -336,9 +337,14 @@ pub struct Args {
     #[arg(long = "allow-path", env = "IMDS_BROKER_ALLOW_PATH")]
     pub allow_path: Vec<String>,
 
-    /// Availability zone served in on-prem mode (must start with --region); unset: not served.
+    /// Availability zone served in on-prem mode (must start with the region); unset: the Node's
+    /// topology.kubernetes.io/zone label (or its AWS providerID), followed while the agent runs.
     #[arg(long, env = "IMDS_BROKER_AVAILABILITY_ZONE")]
     pub availability_zone: Option<String>,
+
+    /// The accountId of the on-prem identity document; unset: the account of the calling pod's role.
+    #[arg(long, env = "IMDS_BROKER_ACCOUNT_ID")]
+    pub account_id: Option<String>,
 
     /// IP TTL (IPv6 hop limit) of IMDSv2 token responses, as EC2's HttpPutResponseHopLimit: 1 keeps
     /// tokens inside the pod's network namespace.
@@ -393,9 +399,9 @@ pub enum Error {
     /// The idle bound would relist healthy watches between bookmarks.
     #[error("--watch-idle-timeout {0:?} must be at least 10s (bookmarks come about once a minute)")]
     WatchIdle(Duration),
-    /// No region.
-    #[error("--region (or AWS_REGION) is required and must not be empty")]
-    Region,
+    /// An `--account-id` that is not 12 digits.
+    #[error("--account-id {0:?}: an AWS account id is 12 digits")]
+    AccountId(String),
     /// A `--host-interface` pattern iptables would not take.
     #[error("--host-interface {value:?}: {reason}")]
     HostInterface {
@@ -455,6 +461,8 @@ pub struct Config {
     pub roles: Resolver,
     /// Service-account tokens.
     pub sa_token: sa_token::Config,
+    /// `--region`; `None`: the Node's region label, read by the app at start.
+    pub region: Option<String>,
     /// STS.
     pub sts: sts::Config,
     /// The credential cache.
@@ -485,11 +493,7 @@ impl Args {
             .clone()
             .filter(|n| !n.trim().is_empty())
             .ok_or(Error::NodeName)?;
-        let region = self
-            .region
-            .clone()
-            .filter(|r| !r.trim().is_empty())
-            .ok_or(Error::Region)?;
+        let region = self.region.clone().filter(|r| !r.trim().is_empty());
         let base = self
             .base_role_arn
             .as_deref()
@@ -530,7 +534,7 @@ impl Args {
             .iptables
             .then(|| self.capture.config(self.listen.port()))
             .transpose()?;
-        let metadata = self.metadata(&node_name, &region)?;
+        let metadata = self.metadata(&node_name, region.as_deref())?;
         let events = events::Config {
             enabled: self.events,
             instance: node_name.clone(),
@@ -550,8 +554,8 @@ impl Args {
                 audience: self.token_audience.clone(),
                 expiration_seconds: self.token_expiration,
             },
+            region,
             sts: sts::Config {
-                region,
                 endpoint: self.sts_endpoint.clone(),
                 session_duration: session,
             },
@@ -579,7 +583,7 @@ impl Args {
         })
     }
 
-    fn metadata(&self, node_name: &str, region: &str) -> Result<metadata::Config, Error> {
+    fn metadata(&self, node_name: &str, region: Option<&str>) -> Result<metadata::Config, Error> {
         let allow = if self.allow_path.is_empty() {
             metadata::Rules::default_allow()
         } else {
@@ -595,7 +599,7 @@ impl Args {
             })?
         };
         let availability_zone = self.availability_zone.clone().filter(|z| !z.trim().is_empty());
-        if let Some(zone) = &availability_zone
+        if let (Some(zone), Some(region)) = (&availability_zone, region)
             && !zone.starts_with(region)
         {
             return Err(Error::AvailabilityZone {
@@ -603,11 +607,21 @@ impl Args {
                 region: region.to_owned(),
             });
         }
+        let account_id = self.account_id.clone().filter(|a| !a.trim().is_empty());
+        if let Some(account) = &account_id
+            && !(account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(Error::AccountId(account.clone()));
+        }
         Ok(metadata::Config {
             mode: self.upstream_imds.clone(),
             allow,
-            region: region.to_owned(),
-            availability_zone,
+            flags: metadata::Placement {
+                region: region.map(str::to_owned),
+                zone: availability_zone,
+                ..metadata::Placement::default()
+            },
+            account_id,
             node_name: node_name.to_owned(),
         })
     }

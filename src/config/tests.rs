@@ -39,6 +39,29 @@ fn defaults_make_a_valid_config() {
 }
 
 #[test]
+fn without_a_region_flag_the_region_is_left_to_the_nodes_label() {
+    let cli = Cli::try_parse_from(["imds-broker", "--node-name", "n1", "--region", ""]).unwrap();
+    let config = cli.run.config().unwrap();
+    assert_eq!(config.region, None);
+    assert_eq!(config.metadata.flags, metadata::Placement::default());
+    let config = args(&["--availability-zone", "eu-west-1b"]).unwrap().config().unwrap();
+    assert_eq!(config.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(config.metadata.flags.zone.as_deref(), Some("eu-west-1b"));
+}
+
+#[test]
+fn an_account_id_is_twelve_digits() {
+    let config = args(&["--account-id", "123456789012"]).unwrap().config().unwrap();
+    assert_eq!(config.metadata.account_id.as_deref(), Some("123456789012"));
+    for bad in ["12345678901", "1234567890123", "12345678901x"] {
+        assert!(
+            matches!(args(&["--account-id", bad]).unwrap().config(), Err(Error::AccountId(ref v)) if v == bad),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
 fn invalid_role_flags_are_refused() {
     assert!(matches!(
         args(&["--default-role", "admin"]).unwrap().config(),
@@ -117,7 +140,7 @@ fn metadata_defaults_are_synthetic_with_the_default_allow_list_and_a_hop_limit_o
     let config = args(&[]).unwrap().config().unwrap();
     assert_eq!(config.metadata.mode, metadata::Mode::None);
     assert!(config.metadata.allow.allows("meta-data/placement/region"));
-    assert!(config.metadata.availability_zone.is_none());
+    assert!(config.metadata.flags.zone.is_none());
     assert_eq!(config.imds.token_hop_limit, 1);
     assert!(config.token_key_file.is_none());
 }

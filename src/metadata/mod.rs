@@ -1,10 +1,10 @@
 //! Instance metadata other than credentials: what SDKs and agents read besides the role (region, zone,
 //! instance identity), answered either from the node's real IMDS through an allow-list (EC2 mode) or
-//! synthesised from flags (on-prem mode).
+//! synthesised from flags and the Node's labels (on-prem mode).
 //!
 //! This module owns the settings ([`Config`], [`Mode`]), the choice of source at start and the
 //! [`Metadata`] facade the IMDS endpoint asks. What may be served is decided in [`rules`]; the answers
-//! come from [`synthetic`] (on-prem) or [`upstream`] (the node's IMDS, with its `upstream_token` and
+//! come from [`synthetic`] (on-prem, placed by [`placement`]) or [`upstream`] (the node's IMDS, with its `upstream_token` and
 //! caches).
 //!
 //! Invariants: deny by default. Upstream, only paths matching an `--allow-path` pattern are fetched,
@@ -15,6 +15,7 @@
 //!
 //! This module does not decide HTTP statuses: [`Error`] is mapped in `server::response`.
 
+pub mod placement;
 pub mod rules;
 pub mod synthetic;
 pub mod upstream;
@@ -24,6 +25,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::workload::RoleArn;
+
+pub use placement::Placement;
 pub use rules::{DEFAULT_ALLOW, DENIED, Rules, denied};
 pub use synthetic::Synthetic;
 pub use upstream::{REQUEST_TIMEOUT, Upstream, refresh_at};
@@ -80,10 +84,10 @@ pub struct Config {
     pub mode: Mode,
     /// `--allow-path` (or [`DEFAULT_ALLOW`]).
     pub allow: Rules,
-    /// `--region`.
-    pub region: String,
-    /// `--availability-zone`.
-    pub availability_zone: Option<String>,
+    /// `--region` and `--availability-zone`, which win over the Node's labels.
+    pub flags: Placement,
+    /// `--account-id`.
+    pub account_id: Option<String>,
     /// `--node-name`.
     pub node_name: String,
 }
@@ -156,13 +160,13 @@ pub enum Metadata {
 }
 
 impl Metadata {
-    /// Builds the source; `auto` probes the real IMDS here, once.
-    pub async fn build(config: Config) -> Self {
-        Self::build_probing(config, EC2_IMDS_ADDR).await
+    /// Builds the source; `auto` probes the real IMDS here, once. On-prem answers follow `placement`.
+    pub async fn build(config: Config, placement: placement::Live) -> Self {
+        Self::build_probing(config, placement, EC2_IMDS_ADDR).await
     }
 
     /// [`Metadata::build`], with `auto` probing `probe` (tests probe loopback, never the real IMDS).
-    async fn build_probing(config: Config, probe: SocketAddr) -> Self {
+    async fn build_probing(config: Config, placement: placement::Live, probe: SocketAddr) -> Self {
         let upstream = match config.mode {
             Mode::None => None,
             Mode::Upstream(addr) => Some(addr),
@@ -185,22 +189,29 @@ impl Metadata {
                 Metadata::Upstream(Upstream::new(addr, config.allow, REQUEST_TIMEOUT))
             }
             None => Metadata::Synthetic(Synthetic {
-                region: config.region,
-                availability_zone: config.availability_zone,
+                placement,
+                account_id: config.account_id,
                 node_name: config.node_name,
             }),
         }
     }
 
-    /// The answer for `path` (relative to `/latest/`, no trailing slash). `with_iam`: whether the
-    /// caller has a role, so that `meta-data/` lists `iam/` only when it is served to this caller.
-    pub async fn get(&self, path: &str, with_iam: bool) -> Result<Answer, Error> {
+    /// Whether answers are synthesised here (on-prem mode), so follow the Node's placement.
+    pub fn is_synthetic(&self) -> bool {
+        matches!(self, Metadata::Synthetic(_))
+    }
+
+    /// The answer for `path` (relative to `/latest/`, no trailing slash). `role`: the caller's, if it
+    /// has one, so that `meta-data/` lists `iam/` only when it is served to this caller (and the
+    /// synthetic identity document can name its account).
+    pub async fn get(&self, path: &str, role: Option<&RoleArn>) -> Result<Answer, Error> {
+        let with_iam = role.is_some();
         // Never served here, in either mode: the IMDS handler answers `meta-data/iam/` itself.
         if denied(path) {
             return Err(Error::NotFound);
         }
         let answer = match self {
-            Metadata::Synthetic(s) => s.get(path).ok_or(Error::NotFound)?,
+            Metadata::Synthetic(s) => s.get(path, role.map(RoleArn::account)).ok_or(Error::NotFound)?,
             Metadata::Upstream(u) => Answer::Text(u.get(path).await?),
         };
         Ok(match answer {
@@ -247,8 +258,8 @@ mod tests {
         Config {
             mode: Mode::Auto,
             allow: Rules::default_allow(),
-            region: "eu-west-1".into(),
-            availability_zone: None,
+            flags: Placement::default(),
+            account_id: None,
             node_name: "worker-7".into(),
         }
     }
@@ -260,7 +271,7 @@ mod tests {
             .local_addr()
             .unwrap();
         assert!(matches!(
-            Metadata::build_probing(auto(), closed).await,
+            Metadata::build_probing(auto(), placement::fixed(Placement::default()), closed).await,
             Metadata::Synthetic(_)
         ));
 
@@ -275,7 +286,7 @@ mod tests {
             stream.write_all(answer).await.unwrap();
         });
         assert!(matches!(
-            Metadata::build_probing(auto(), addr).await,
+            Metadata::build_probing(auto(), placement::fixed(Placement::default()), addr).await,
             Metadata::Upstream(_)
         ));
     }

@@ -267,8 +267,8 @@ impl Handler {
 
     /// The rest of the metadata tree, for a known pod.
     async fn metadata(&self, workload: &Workload, path: &str) -> Result<Response<Body>, Failure> {
-        let with_iam = matches!(self.cache.resolver().resolve(workload), Ok(Some(_)));
-        match self.metadata.get(path, with_iam).await {
+        let role = self.cache.resolver().resolve(workload).ok().flatten();
+        match self.metadata.get(path, role.as_ref()).await {
             Ok(answer) => Ok(response::metadata(answer)),
             Err(metadata::Error::NotFound) => Err(Failure::NotFound),
             Err(metadata::Error::Upstream(error)) => {

@@ -1,6 +1,8 @@
 //! Where an IMDS request goes, decided from its method and target alone, before anything about the
 //! caller is known. Targets are taken literally: whatever a normalising proxy or client could read
-//! differently is refused here and never reaches a handler.
+//! differently is refused here and never reaches a handler. Two spellings are tolerated, both of a
+//! real client: one trailing slash (botocore's leaves) and one doubled leading slash before `latest`
+//! (the JS v3 SDK's MetadataService).
 
 use http::Method;
 
@@ -82,6 +84,12 @@ pub fn route(method: &Method, path: &str) -> Result<Route, Failure> {
     if path.len() > MAX_TARGET {
         return Err(Failure::TargetTooLong);
     }
+    // The JS v3 SDK's MetadataService joins its endpoint's path ("/") and the documented
+    // "/latest/..." into "//latest/...": that one doubled leading slash, and no other, is read as one.
+    let path = match path.strip_prefix('/') {
+        Some(rest) if rest == "/latest" || rest.starts_with("/latest/") => rest,
+        _ => path,
+    };
     if !is_clean(path) {
         return Err(Failure::BadPath);
     }
@@ -239,6 +247,20 @@ mod tests {
     }
 
     #[test]
+    fn the_doubled_leading_slash_of_the_js_v3_metadata_service_is_read_as_one() {
+        assert_eq!(get("//latest/meta-data/iam/info").ok(), Some(Route::Iam(Iam::Info)));
+        assert_eq!(
+            get("//latest/meta-data/placement/region").ok(),
+            Some(Route::Metadata("meta-data/placement/region".into()))
+        );
+        assert_eq!(route(&Method::PUT, "//latest/api/token").ok(), Some(Route::Token));
+        assert_eq!(
+            target("//latest/meta-data/").ok(),
+            Some(Route::Metadata("meta-data".into()))
+        );
+    }
+
+    #[test]
     fn only_origin_form_targets_without_a_query_are_routed() {
         assert_eq!(target("/latest/meta-data/iam/info").ok(), Some(Route::Iam(Iam::Info)));
         for bad in [
@@ -267,7 +289,10 @@ mod tests {
             "/latest/meta-data/placement/region/..",
             "/latest/meta-data/placement/%2E%2E/%2e%2e/user-data",
             "/latest/dynamic/..\\..\\user-data",
-            "//latest/meta-data/iam/info",
+            "///latest/meta-data/iam/info",
+            "//latest//meta-data/iam/info",
+            "//latest/../latest/meta-data/iam/info",
+            "//other/latest/meta-data/iam/info",
             "/latest/meta-data//",
         ] {
             assert_eq!(kind(get(path)), "bad_path", "{path:?}");
@@ -301,6 +326,8 @@ mod tests {
         ) {
             let path = format!("{leading}{}{trailing}", parts.join("/"));
             if let Ok(route) = get(&path) {
+                // The one doubled leading slash read as one (the JS v3 MetadataService's).
+                let path = path.strip_prefix('/').filter(|p| p.starts_with('/')).unwrap_or(&path);
                 let canonical = route.path();
                 let with_slash = canonical.clone() + "/";
                 proptest::prop_assert!(
@@ -314,7 +341,9 @@ mod tests {
                 && let Ok(route) = route_target(&Method::GET, &uri)
             {
                 proptest::prop_assert!(uri.query().is_none() && uri.authority().is_none());
-                let (canonical, got) = (route.path(), uri.path());
+                let got = uri.path();
+                let got = got.strip_prefix('/').filter(|p| p.starts_with('/')).unwrap_or(got);
+                let canonical = route.path();
                 proptest::prop_assert!(got == canonical || got.strip_suffix('/') == Some(canonical.as_str()));
             }
         }

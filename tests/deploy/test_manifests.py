@@ -137,9 +137,18 @@ def test_the_agent_may_emit_events_and_its_cluster_role_is_bound_to_it(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_platform_sets_a_region_and_a_cni(overlay):
-    server, capture = server_and_capture(list(render_dir(f"overlays/{overlay}")))
-    assert re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", env_of(server).get("AWS_REGION") or ""), env_of(server)
+def test_every_platform_sets_a_region_or_reads_the_nodes_labels_and_a_cni(overlay):
+    docs = list(render_dir(f"overlays/{overlay}"))
+    server, capture = server_and_capture(docs)
+    region = env_of(server).get("AWS_REGION")
+    if overlay == "on-prem":
+        # The Node's topology.kubernetes.io/region label: the agent needs to read its own Node.
+        assert region is None, env_of(server)
+        role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "imds-broker")
+        reads = [set(r["verbs"]) for r in role["rules"] if r["apiGroups"] == [""] and "nodes" in r["resources"]]
+        assert reads and {"get", "list", "watch"} <= reads[0], role["rules"]
+    else:
+        assert re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region or ""), env_of(server)
     assert env_of(capture).get("IMDS_BROKER_HOST_INTERFACE") in CNI.values(), env_of(capture)
 
 
@@ -151,8 +160,8 @@ def test_eks_and_ec2_proxy_the_nodes_imds_and_on_prem_answers_region_and_zone_it
     server, _ = server_and_capture(list(render_dir("overlays/on-prem")))
     env = env_of(server)
     assert env["IMDS_BROKER_UPSTREAM_IMDS"] == "none"
-    # --availability-zone must start with --region (the agent refuses it otherwise).
-    assert env["IMDS_BROKER_AVAILABILITY_ZONE"].startswith(env["AWS_REGION"]), env
+    # Region and zone come from the Node's labels; no flag overrides them by default.
+    assert "IMDS_BROKER_AVAILABILITY_ZONE" not in env and "AWS_REGION" not in env, env
     assert [e["name"] for e in server["env"]].count("IMDS_BROKER_UPSTREAM_IMDS") == 1
 
 

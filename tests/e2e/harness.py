@@ -395,6 +395,11 @@ class Kube:
             "metadata": {"name": name, "namespace": ns, "annotations": annotations},
         })
 
+    def create_node(self, name: str, labels: dict[str, str]) -> None:
+        self._call("POST", "/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": {},
+        })
+
     def create_pod(self, ns: str, name: str, ip: str, service_account: str = "default",
                    role: str | None = None) -> dict:
         annotations = {"iam.amazonaws.com/role": role} if role else {}
@@ -450,7 +455,10 @@ class Agent:
         env = {**os.environ, "KUBECONFIG": str(self.kube.kubeconfig)}
         self.process = Process("agent", [
             str(IMDS_BROKER_BIN),
-            "--node-name", NODE, "--region", REGION, "--sts-endpoint", self.sts_url,
+            "--node-name", NODE,
+            # A test naming its own region (`--region ""`: the Node's label) gets it instead.
+            *([] if "--region" in extra else ["--region", REGION]),
+            "--sts-endpoint", self.sts_url,
             "--listen", f"{self.net.node_ip}:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             "--base-role-arn", BASE_ROLE_ARN, "--pod-wait", "2s",
             "--iptables", "--host-interface", self.net.host_if_pattern, "--node-ip", f"{self.net.node_ip},{self.net.node_ip6}",

@@ -3,6 +3,9 @@
 //! then calls `GetCallerIdentity` at the STS endpoint named by `AWS_ENDPOINT_URL_STS` and prints one JSON
 //! line: `{"arn", "account", "user_id"}` on success, `{"error", "no_credentials"}` on failure (exit 1).
 //!
+//! With `region` as its argument it prints `{"region"}` instead: the region aws-config's default chain
+//! finds (run without AWS_REGION, only IMDS can answer).
+//!
 //! Plain HTTP is enough for both IMDS and the STS test double, so no TLS client is built.
 
 use std::process::ExitCode;
@@ -12,6 +15,19 @@ use aws_credential_types::provider::ProvideCredentials;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("region") {
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(aws_smithy_http_client::Builder::new().build_http())
+            .load()
+            .await;
+        let region = config.region().map(ToString::to_string);
+        println!("{}", serde_json::json!({ "region": region }));
+        return if region.is_some() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     match probe().await {
         Ok(identity) => {
             println!("{identity}");

@@ -26,12 +26,12 @@ pub struct Agent {
 
 /// Parses agent flags the way the binary does, plus `extra`.
 pub fn config(sts_url: &str, extra: &[&str]) -> Config {
-    let mut argv = vec![
-        "imds-broker",
-        "--node-name",
-        NODE,
-        "--region",
-        "us-east-1",
+    let mut argv = vec!["imds-broker", "--node-name", NODE];
+    // A test that names its own region (or `--region ""`: none, from the Node's label) gets it instead.
+    if !extra.contains(&"--region") {
+        argv.extend(["--region", "us-east-1"]);
+    }
+    argv.extend([
         "--sts-endpoint",
         sts_url,
         "--listen",
@@ -40,7 +40,7 @@ pub fn config(sts_url: &str, extra: &[&str]) -> Config {
         "127.0.0.1:0",
         "--base-role-arn",
         "arn:aws:iam::111111111111:role/",
-    ];
+    ]);
     argv.extend_from_slice(extra);
     Cli::try_parse_from(argv)
         .expect("valid test flags")

@@ -1412,6 +1412,7 @@ async fn route(
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
             item(shared, method, kind, ns, name, body)
         }
+        (&Method::POST, ["api", "v1", "nodes"]) => create(shared, Kind::Node, "", body),
         (_, ["api", "v1", "nodes", name]) => item(shared, method, Kind::Node, "", name, body),
         (_, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
             status_subresource(shared, method, ns, name, body)
