@@ -325,8 +325,8 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_LOG", default_value = "info")]
     pub log: String,
 
-    /// Where metadata other than credentials comes from: none (synthesised from --region,
-    /// --availability-zone and the node name), auto (probe http://169.254.169.254 for 1s at start, else
+    /// Where metadata other than credentials comes from: none (synthesised from the flags, the Node's
+    /// labels and the node name), auto (probe http://169.254.169.254 for 1s at start, else
     /// none), or http://IP[:PORT] (proxy the --allow-path paths to that IMDS).
     #[arg(long, env = "IMDS_BROKER_UPSTREAM_IMDS", default_value = "none", value_parser = metadata::Mode::parse)]
     pub upstream_imds: metadata::Mode,
