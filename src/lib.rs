@@ -9,7 +9,8 @@
 //! Three tokens, three names: an *IMDSv2 token* is what `PUT /latest/api/token` hands a pod
 //! ([`server::imds_token`]); a *service-account token* is what TokenRequest mints for STS
 //! ([`sa_token`]); the *STS session token* is part of the credentials. The agent's own IMDSv2 token at
-//! the node's IMDS is its *upstream token* ([`metadata`]).
+//! the node's IMDS is its *upstream token* ([`metadata`]). A *pod token* is the projected
+//! service-account token a pod presents itself, verified against the API server's keys ([`pod_token`]).
 //!
 //! # Layout
 //! Dependencies point one way, top to bottom:
@@ -23,7 +24,7 @@
 //! - [`events`]: Kubernetes Events on pods whose credentials fail for a reason their owner can fix;
 //!   [`audit`]: one log line per credential issued;
 //! - [`pods`], [`roles`], [`sa_token`], [`sts`]: who is calling, which role, a service-account token
-//!   bound to the pod, the STS session;
+//!   bound to the pod, the STS session; [`pod_token`]: who a presented token says is calling;
 //! - [`metadata`]: the rest of the metadata tree, proxied through an allow-list or synthesised;
 //! - [`namespaces`]: which namespaces require IMDSv2 (a Namespace annotation);
 //! - [`watch`]: the list-then-watch loop under both watchers (410, idle watches, capped retries);
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod namespaces;
 pub mod netfilter;
 pub mod node_taint;
+pub mod pod_token;
 pub mod pods;
 pub mod roles;
 pub mod sa_token;

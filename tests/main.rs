@@ -17,6 +17,7 @@ mod logging;
 mod malformed;
 mod metadata;
 mod moto;
+mod pod_token;
 mod process;
 mod refusals;
 mod serving;
