@@ -13,16 +13,28 @@
 //! TokenReview also rejects tokens of deleted pods; here the caller checks the bound pod's uid against
 //! the node's live pod view instead, which answers the same question for the only pods that matter.
 //!
+//! [`KeySource`] holds the API server's keys (`/openid/v1/jwks`, fetched on first use) and re-fetches
+//! them when a token names a key it does not know, at most once per [`MIN_REFETCH`], so that neither
+//! key rotation nor a flood of tokens with made-up key ids costs more than that.
+//!
 //! Invariants: nothing from the token reaches an error or a log but its `kid` and the names in its
 //! claims (never the token, never its signature); an unknown `kid` is its own error so the caller can
 //! re-fetch the keys once (rotation) before refusing.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
 use serde::Deserialize;
+
+/// The least time between two fetches of the key set.
+pub const MIN_REFETCH: Duration = Duration::from_secs(10);
+
+/// The longest a key-set fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How far a node's clock may be behind the API server's when a token is brand new (`nbf`, `iat`).
 /// Expiry gets none: the kubelet renews projected tokens at 80% of their life, long before.
@@ -265,6 +277,107 @@ pub fn verify(token: &str, keys: &Keys, expect: &Expect, now: i64) -> Result<Pod
         pod_uid: pod.uid,
         service_account: kubernetes.serviceaccount.name,
     })
+}
+
+/// Why no key set could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// The API server failed, refused or did not answer in time.
+    #[error("fetching /openid/v1/jwks from the API server: {0}")]
+    Unavailable(String),
+    /// It answered something that is not a usable key set.
+    #[error("the API server's /openid/v1/jwks: {0}")]
+    Unusable(String),
+}
+
+/// Why [`KeySource::verify`] refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// The token itself is bad (final for this token).
+    #[error(transparent)]
+    Token(#[from] Error),
+    /// The keys could not be had (may change soon).
+    #[error(transparent)]
+    Keys(#[from] FetchError),
+}
+
+struct Fetched {
+    keys: Arc<Keys>,
+    at: Option<tokio::time::Instant>,
+}
+
+/// The API server's signing keys, fetched when first needed and again when a token names an unknown
+/// key (at most once per [`MIN_REFETCH`]).
+pub struct KeySource {
+    client: kube::Client,
+    current: RwLock<Fetched>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl KeySource {
+    /// A source reading the keys through `client` (nothing is fetched yet).
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            current: RwLock::new(Fetched {
+                keys: Arc::default(),
+                at: None,
+            }),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// [`verify`] with the current keys; an unknown key id (or no keys yet) fetches them first.
+    pub async fn verify(&self, token: &str, expect: &Expect, now: i64) -> Result<PodClaims, SourceError> {
+        let keys = self.keys();
+        match verify(token, &keys, expect, now) {
+            Err(Error::UnknownKey(_)) => {}
+            other => return Ok(other?),
+        }
+        let keys = self.refetch(&keys).await?;
+        Ok(verify(token, &keys, expect, now)?)
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.current.read().expect("key set lock poisoned").keys.clone()
+    }
+
+    /// Fetches the keys unless another caller did since `seen` was read, or the last fetch is younger
+    /// than [`MIN_REFETCH`]; the keys to verify with.
+    async fn refetch(&self, seen: &Arc<Keys>) -> Result<Arc<Keys>, FetchError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        {
+            let current = self.current.read().expect("key set lock poisoned");
+            let recent = current.at.is_some_and(|at| at.elapsed() < MIN_REFETCH);
+            if !Arc::ptr_eq(&current.keys, seen) || (recent && !current.keys.is_empty()) {
+                return Ok(current.keys.clone());
+            }
+            if recent {
+                return Err(FetchError::Unavailable("the last fetch failed moments ago".into()));
+            }
+        }
+        let fetched = self.fetch().await;
+        let mut current = self.current.write().expect("key set lock poisoned");
+        current.at = Some(tokio::time::Instant::now());
+        let keys = Arc::new(fetched?);
+        tracing::info!(
+            keys = keys.len(),
+            "fetched the API server's service-account signing keys"
+        );
+        current.keys = keys.clone();
+        Ok(keys)
+    }
+
+    async fn fetch(&self) -> Result<Keys, FetchError> {
+        let request = http::Request::get("/openid/v1/jwks")
+            .body(Vec::new())
+            .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+        let text = tokio::time::timeout(FETCH_TIMEOUT, self.client.request_text(request))
+            .await
+            .map_err(|_| FetchError::Unavailable(format!("no answer within {FETCH_TIMEOUT:?}")))?
+            .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+        Keys::from_jwks(text.as_bytes()).map_err(|e| FetchError::Unusable(e.to_string()))
+    }
 }
 
 #[cfg(test)]

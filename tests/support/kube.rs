@@ -225,7 +225,10 @@ struct Shared {
     requests: AtomicUsize,
     snapshot_ids: AtomicU64,
     bookmark_interval_ms: AtomicU64,
-    signer: &'static Signer,
+    /// Signs new tokens; [`FakeKube::rotate_signer`] changes it.
+    signer: std::sync::RwLock<&'static Signer>,
+    /// Every key published at `/openid/v1/jwks` (the signer and the keys it replaced).
+    published: std::sync::RwLock<Vec<&'static Signer>>,
     issuer: String,
     url: String,
 }
@@ -287,7 +290,8 @@ impl FakeKube {
             requests: AtomicUsize::new(0),
             snapshot_ids: AtomicU64::new(1),
             bookmark_interval_ms: AtomicU64::new(1000),
-            signer: Signer::test_key(),
+            signer: std::sync::RwLock::new(Signer::test_key()),
+            published: std::sync::RwLock::new(vec![Signer::test_key()]),
             issuer: jwt::DEFAULT_ISSUER.to_owned(),
             url: format!("http://{addr}"),
         });
@@ -320,12 +324,23 @@ impl FakeKube {
 
     /// The JWKS it serves at `/openid/v1/jwks`.
     pub fn jwks(&self) -> Value {
-        self.shared.signer.jwks()
+        self.shared.jwks()
+    }
+
+    /// Key rotation as an API server does it: new tokens are signed with [`Signer::other_key`], and
+    /// both keys are published while tokens signed with the old one are still live.
+    pub fn rotate_signer(&self) {
+        *self.shared.signer.write().expect("signer lock") = Signer::other_key();
+        self.shared
+            .published
+            .write()
+            .expect("published lock")
+            .push(Signer::other_key());
     }
 
     /// The signing key of its tokens.
     pub fn signer(&self) -> &'static Signer {
-        self.shared.signer
+        *self.shared.signer.read().expect("signer lock")
     }
 
     /// A verifier for its tokens.
@@ -865,6 +880,17 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 impl Shared {
+    fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .published
+            .read()
+            .expect("published lock")
+            .iter()
+            .flat_map(|signer| signer.jwks()["keys"].as_array().cloned().unwrap_or_default())
+            .collect();
+        json!({ "keys": keys })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1368,7 +1394,7 @@ async fn route(
         (&Method::GET, ["openid", "v1", "jwks"]) => Ok(Response::builder()
             .status(200)
             .header("content-type", "application/jwk-set+json")
-            .body(full(serde_json::to_vec(&shared.signer.jwks()).expect("json")))
+            .body(full(serde_json::to_vec(&shared.jwks()).expect("json")))
             .expect("response")),
         (&Method::GET, [".well-known", "openid-configuration"]) => Ok(json_response(
             200,
@@ -2161,7 +2187,7 @@ fn mint(
         claims = claims.with_node(node, &jwt::derived_uid(&format!("node/{node}")));
     }
     drop(st);
-    let token = shared.signer.sign(&claims);
+    let token = shared.signer.read().expect("signer lock").sign(&claims);
     let expires = time::OffsetDateTime::from_unix_timestamp(claims.exp).expect("expiry");
     Ok(json!({
         "kind": "TokenRequest",
