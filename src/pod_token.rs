@@ -201,8 +201,7 @@ struct Header {
 #[derive(Deserialize)]
 struct Claims {
     iss: String,
-    #[serde(deserialize_with = "one_or_many")]
-    aud: Vec<String>,
+    aud: Audience,
     exp: i64,
     nbf: Option<i64>,
     #[serde(rename = "kubernetes.io")]
@@ -222,17 +221,21 @@ struct ObjectRef {
     uid: String,
 }
 
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+/// `aud`: RFC 7519 allows one string or an array (the API server always writes an array).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn names(&self, audience: &str) -> bool {
+        match self {
+            Audience::One(one) => one == audience,
+            Audience::Many(many) => many.iter().any(|a| a == audience),
+        }
     }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 /// Verifies `token` at Unix time `now`; the pod it is bound to.
@@ -260,7 +263,7 @@ pub fn verify(token: &str, keys: &Keys, expect: &Expect, now: i64) -> Result<Pod
     if claims.iss != expect.issuer {
         return Err(Error::Issuer(claims.iss));
     }
-    if !claims.aud.contains(&expect.audience) {
+    if !claims.aud.names(&expect.audience) {
         return Err(Error::Audience(expect.audience.clone()));
     }
     if now >= claims.exp {

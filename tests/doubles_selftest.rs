@@ -14,7 +14,6 @@ use std::time::Duration;
 use aws_sdk_sts::config::Region;
 use aws_sdk_sts::error::ProvideErrorMetadata;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, Event};
@@ -22,6 +21,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::support::fixtures::token_request;
 use crate::support::jwt::{self, Claims, Signer};
 use crate::support::kube::{self as fake, FakeKube, Kind, Outage};
 use crate::support::sts::FakeSts;
@@ -122,23 +122,7 @@ fn seed_app(kube: &FakeKube) -> (String, String) {
 }
 
 async fn mint(kube: &FakeKube, sa: &str, pod: &str, uid: &str, audience: &str) -> Result<String, kube::Error> {
-    let api: Api<ServiceAccount> = Api::namespaced(kube.client(), "default");
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.to_owned()]),
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(pod.into()),
-                uid: Some(uid.into()),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let answer = bounded(api.create_token_request(sa, &PostParams::default(), &request)).await?;
-    Ok(answer.status.and_then(|s| s.token).expect("token"))
+    bounded(token_request(kube.client(), "default", sa, (pod, uid), audience)).await
 }
 
 #[tokio::test]

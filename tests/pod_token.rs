@@ -4,35 +4,18 @@
 //! with one fetch and bounds what tokens with made-up key ids cost the API server.
 
 use imds_broker::pod_token::{Error, Expect, KeySource, Keys, MIN_REFETCH, SourceError, verify};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
 
 use crate::support::Cluster;
-use crate::support::fixtures::pod;
+use crate::support::fixtures::{pod, token_request};
 use crate::support::jwt::now_unix;
 use crate::support::kube::PodFixture;
 
 async fn mint(cluster: &Cluster, audience: &str, fixture: &PodFixture) -> String {
-    let api: kube::Api<ServiceAccount> = kube::Api::namespaced(cluster.kube.client(), fixture.namespace_str());
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.to_owned()]),
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some("app-0".into()),
-                uid: Some(fixture.uid_str().into()),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let answer = api
-        .create_token_request(fixture.service_account_str(), &Default::default(), &request)
+    let (namespace, service_account) = (fixture.namespace_str(), fixture.service_account_str());
+    let pod = ("app-0", fixture.uid_str());
+    token_request(cluster.kube.client(), namespace, service_account, pod, audience)
         .await
-        .unwrap();
-    answer.status.unwrap().token.unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
