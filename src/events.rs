@@ -165,7 +165,7 @@ impl Reason {
                     required.as_secs()
                 ),
             ),
-            E::Sts(_) | E::SaToken(_) | E::Stopped | E::Superseded => return None,
+            E::Sts(_) | E::SaToken(_) | E::Spire(_) | E::Stopped | E::Superseded => return None,
         };
         Some(found)
     }
