@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use http::StatusCode;
 use serde_json::Value;
 
+use crate::support::agent::{Agent, eventually};
 use crate::support::fixtures::{ACCOUNT, role};
 use crate::support::spire::{self, FakeSpire};
-use crate::support::{Cluster, agent::Agent, jwt, kube, sts};
+use crate::support::{Cluster, jwt, kube, sts};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -119,6 +120,14 @@ async fn a_pod_gets_its_role_through_a_jwt_svid_whose_sub_is_its_spiffe_id() {
             .await
             >= 1.0
     );
+    eventually("a SpireNoRegistration Event on batch-1", || async {
+        cluster
+            .kube
+            .events()
+            .iter()
+            .any(|e| e["regarding"]["name"] == "batch-1" && e["reason"] == "SpireNoRegistration")
+    })
+    .await;
 
     // Every call named exactly one of the calling pods, for the STS audience.
     let fetches = spire.fetches();
