@@ -18,6 +18,7 @@ use crate::pods::Store;
 use crate::server::admin;
 use crate::server::imds;
 use crate::server::imds_token::Issuer;
+use crate::spire::{self, IdentitySource};
 use crate::{credentials, events, namespaces, netfilter, node_taint, pods, sa_token, server, sts, watch};
 
 /// A built, not yet running agent.
@@ -99,7 +100,10 @@ impl App {
         let (event_sink, recorder) = events::build(&config.events, client.clone(), &registry)?;
         let cache = Cache::new(
             config.credentials.clone(),
-            sa_token::Minter::new(client.clone(), config.sa_token.clone()),
+            match &config.spire {
+                Some(spire) => IdentitySource::Spire(spire::Client::new(spire.clone())),
+                None => IdentitySource::Kubernetes(sa_token::Minter::new(client.clone(), config.sa_token.clone())),
+            },
             sts::Exchanger::new(&config.sts, &region),
             config.roles.clone(),
             store.clone(),

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::workload::Workload;
-use crate::{credentials, roles, sa_token, sts};
+use crate::{credentials, roles, sa_token, spire, sts};
 
 /// The `reportingController` of every Event this agent writes.
 pub const CONTROLLER: &str = "imds-broker.io/agent";
@@ -84,11 +84,16 @@ pub enum Reason {
     TokenRequestRefused,
     /// STS granted a session too short to be served.
     SessionTooShort,
+    /// `--identity-source spire`: no SPIRE registration entry matches the pod (yet).
+    SpireNoRegistration,
+    /// `--identity-source spire`: the SPIRE agent refused (not an authorized delegate, another gRPC
+    /// error) or several entries match the pod.
+    SpireRefused,
 }
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 9] = [
         Reason::InvalidRoleAnnotation,
         Reason::StsAccessDenied,
         Reason::StsInvalidIdentityToken,
@@ -96,6 +101,8 @@ impl Reason {
         Reason::StsThrottled,
         Reason::TokenRequestRefused,
         Reason::SessionTooShort,
+        Reason::SpireNoRegistration,
+        Reason::SpireRefused,
     ];
 
     /// The Event's `reason` (CamelCase, as Kubernetes' own) and the metric label.
@@ -108,6 +115,8 @@ impl Reason {
             Reason::StsThrottled => "StsThrottled",
             Reason::TokenRequestRefused => "TokenRequestRefused",
             Reason::SessionTooShort => "SessionTooShort",
+            Reason::SpireNoRegistration => "SpireNoRegistration",
+            Reason::SpireRefused => "SpireRefused",
         }
     }
 
@@ -116,6 +125,7 @@ impl Reason {
         match self {
             Reason::InvalidRoleAnnotation => "ResolveRole",
             Reason::TokenRequestRefused => "RequestServiceAccountToken",
+            Reason::SpireNoRegistration | Reason::SpireRefused => "FetchJWTSVID",
             Reason::StsAccessDenied
             | Reason::StsInvalidIdentityToken
             | Reason::StsRefused
@@ -165,7 +175,11 @@ impl Reason {
                     required.as_secs()
                 ),
             ),
-            E::Sts(_) | E::SaToken(_) | E::Stopped | E::Superseded => return None,
+            E::Spire(e @ spire::Error::NoSvid { .. }) => (Reason::SpireNoRegistration, e.to_string()),
+            E::Spire(
+                e @ (spire::Error::Denied { .. } | spire::Error::Refused { .. } | spire::Error::Ambiguous { .. }),
+            ) => (Reason::SpireRefused, e.to_string()),
+            E::Sts(_) | E::SaToken(_) | E::Spire(_) | E::Stopped | E::Superseded => return None,
         };
         Some(found)
     }
@@ -681,5 +695,27 @@ mod tests {
         });
         assert!(Reason::of_exchange(&outage).is_none());
         assert!(Reason::of_exchange(&credentials::Error::Superseded).is_none());
+
+        let pod = || "apps/api-1".to_owned();
+        let none = credentials::Error::Spire(spire::Error::NoSvid {
+            pod: pod(),
+            selectors: "k8s:ns:apps".into(),
+        });
+        let (reason, note) = Reason::of_exchange(&none).unwrap();
+        assert_eq!(reason, Reason::SpireNoRegistration);
+        assert!(note.contains("k8s:ns:apps"), "{note}");
+        let denied = credentials::Error::Spire(spire::Error::Denied {
+            pod: pod(),
+            message: "not an authorized delegate".into(),
+        });
+        assert_eq!(Reason::of_exchange(&denied).unwrap().0, Reason::SpireRefused);
+        let spire_down = credentials::Error::Spire(spire::Error::Unavailable {
+            pod: pod(),
+            detail: "connect: refused".into(),
+        });
+        assert!(
+            Reason::of_exchange(&spire_down).is_none(),
+            "an outage is the operator's, not the pod's"
+        );
     }
 }

@@ -51,6 +51,7 @@ pub mod roles;
 pub mod sa_token;
 pub mod server;
 pub mod shutdown;
+pub mod spire;
 pub mod sts;
 pub mod telemetry;
 pub mod watch;

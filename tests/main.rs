@@ -21,5 +21,6 @@ mod pod_token;
 mod process;
 mod refusals;
 mod serving;
+mod spire;
 mod views;
 mod watch;

@@ -10,7 +10,7 @@ use crate::roles::{BaseArn, Resolver};
 use crate::server::imds::Imdsv2;
 use crate::telemetry::LogFormat;
 use crate::workload::RoleArn;
-use crate::{credentials, events, metadata, netfilter, sa_token, server, sts, watch};
+use crate::{credentials, events, metadata, netfilter, sa_token, server, spire, sts, watch};
 
 /// What `--version` prints after the name: the crate's version and the git revision it was built from
 /// (`build.rs`).
@@ -228,6 +228,19 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_TOKEN_EXPIRATION", default_value_t = 600,
           value_parser = clap::value_parser!(i64).range(600..=86400))]
     pub token_expiration: i64,
+
+    /// Where the web identity exchanged at STS comes from: `kubernetes` (a pod-bound service-account
+    /// token, TokenRequest) or `spire` (the pod's JWT-SVID from the SPIRE agent's Delegated Identity API).
+    #[arg(long, env = "IMDS_BROKER_IDENTITY_SOURCE", value_enum, default_value_t = IdentitySourceKind::Kubernetes)]
+    pub identity_source: IdentitySourceKind,
+
+    /// The SPIRE agent's admin socket (its `admin_socket_path`), for `--identity-source spire`.
+    #[arg(
+        long,
+        env = "IMDS_BROKER_SPIRE_ADMIN_SOCKET",
+        default_value = "/run/spire/admin/admin.sock"
+    )]
+    pub spire_admin_socket: std::path::PathBuf,
 
     /// Prefix that completes role names in the iam.amazonaws.com/role pod annotation,
     /// e.g. arn:aws:iam::123456789012:role/
@@ -461,6 +474,8 @@ pub struct Config {
     pub roles: Resolver,
     /// Service-account tokens.
     pub sa_token: sa_token::Config,
+    /// `--identity-source spire`: the SPIRE agent to ask for JWT-SVIDs; `None`: TokenRequest.
+    pub spire: Option<spire::Config>,
     /// `--region`; `None`: the Node's region label, read by the app at start.
     pub region: Option<String>,
     /// STS.
@@ -553,6 +568,13 @@ impl Args {
             sa_token: sa_token::Config {
                 audience: self.token_audience.clone(),
                 expiration_seconds: self.token_expiration,
+            },
+            spire: match self.identity_source {
+                IdentitySourceKind::Kubernetes => None,
+                IdentitySourceKind::Spire => Some(spire::Config {
+                    socket: self.spire_admin_socket.clone(),
+                    audience: self.token_audience.clone(),
+                }),
             },
             region,
             sts: sts::Config {
@@ -686,6 +708,15 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "h" => Ok(Duration::from_secs(n * 3600)),
         _ => Err(format!("{value:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
+}
+
+/// `--identity-source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdentitySourceKind {
+    /// Pod-bound service-account tokens (TokenRequest).
+    Kubernetes,
+    /// JWT-SVIDs from the SPIRE agent's Delegated Identity API.
+    Spire,
 }
 
 #[cfg(test)]

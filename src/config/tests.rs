@@ -193,3 +193,27 @@ fn durations_parse_with_units() {
     assert!(parse_duration("ms").is_err());
     assert!(parse_duration("5d").is_err());
 }
+
+#[test]
+fn the_identity_source_defaults_to_kubernetes_and_spire_takes_the_admin_socket_and_audience() {
+    let config = args(&[]).unwrap().config().unwrap();
+    assert!(config.spire.is_none(), "TokenRequest is the default");
+
+    let config = args(&["--identity-source", "spire", "--token-audience", "aud-1"])
+        .unwrap()
+        .config()
+        .unwrap();
+    let spire = config.spire.unwrap();
+    assert_eq!(spire.socket, std::path::Path::new("/run/spire/admin/admin.sock"));
+    assert_eq!(spire.audience, "aud-1");
+
+    let config = args(&["--identity-source", "spire", "--spire-admin-socket", "/tmp/a.sock"])
+        .unwrap()
+        .config()
+        .unwrap();
+    assert_eq!(config.spire.unwrap().socket, std::path::Path::new("/tmp/a.sock"));
+    assert!(
+        args(&["--identity-source", "vault"]).is_err(),
+        "an unknown source was accepted"
+    );
+}

@@ -17,13 +17,19 @@ use time::OffsetDateTime;
 pub(super) const LOOKUP_RESULTS: &[&str] = &["hit", "stale", "remembered", "miss"];
 /// `cause` of an exchange.
 pub(super) const CAUSES: &[&str] = &["request", "prefetch", "refresh"];
-/// `outcome` of a TokenRequest: `ok` or a [`crate::sa_token::Error::kind`].
+/// `outcome` of a TokenRequest or FetchJWTSVIDs: `ok`, a [`crate::sa_token::Error::kind`] or a
+/// [`crate::spire::Error::kind`].
 pub(super) const SA_TOKEN_OUTCOMES: &[&str] = &[
     "ok",
     "token_refused",
     "token_throttled",
     "token_unavailable",
     "token_empty",
+    "svid_unavailable",
+    "svid_denied",
+    "svid_refused",
+    "svid_none",
+    "svid_ambiguous",
 ];
 /// `outcome` of an `AssumeRoleWithWebIdentity`: `ok` or a [`crate::sts::Error::kind`].
 pub(super) const STS_OUTCOMES: &[&str] = &["ok", "sts_refused", "sts_throttled", "sts_unavailable", "sts_malformed"];
@@ -230,7 +236,7 @@ impl Collector for Headroom {
 mod tests {
     use super::*;
     use crate::credentials::Error;
-    use crate::{sa_token, sts};
+    use crate::{sa_token, spire, sts};
     use std::sync::Mutex;
     use time::macros::datetime;
 
@@ -274,6 +280,38 @@ mod tests {
             },
             sa_token::Error::Empty { service_account: sa() },
         ];
+        let pod = || "ns/pod".to_owned();
+        let svid_errors = [
+            spire::Error::Unavailable {
+                pod: pod(),
+                detail: String::new(),
+            },
+            spire::Error::Timeout {
+                pod: pod(),
+                after: std::time::Duration::from_secs(1),
+            },
+            spire::Error::Denied {
+                pod: pod(),
+                message: String::new(),
+            },
+            spire::Error::Refused {
+                pod: pod(),
+                code: 3,
+                message: String::new(),
+            },
+            spire::Error::NoSvid {
+                pod: pod(),
+                selectors: String::new(),
+            },
+            spire::Error::Ambiguous {
+                pod: pod(),
+                count: 2,
+                ids: String::new(),
+            },
+        ];
+        for error in &svid_errors {
+            assert!(SA_TOKEN_OUTCOMES.contains(&error.kind()), "{}", error.kind());
+        }
         for error in &sts_errors {
             assert!(STS_OUTCOMES.contains(&error.kind()), "{}", error.kind());
         }
@@ -298,6 +336,7 @@ mod tests {
         let text = crate::metrics::encode(&registry);
         let kinds = sts_errors.iter().map(sts::Error::kind);
         let kinds = kinds.chain(sa_errors.iter().map(sa_token::Error::kind));
+        let kinds = kinds.chain(svid_errors.iter().map(spire::Error::kind));
         for kind in kinds.chain(cache_errors.iter().map(Error::kind)) {
             for cause in CAUSES {
                 let series = format!("imds_broker_credentials_fetches_total{{cause=\"{cause}\",outcome=\"{kind}\"}} 0");

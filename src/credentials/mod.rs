@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::pods::{Change, Event, Store};
 use crate::roles::Resolver;
+use crate::spire::IdentitySource;
 use crate::workload::{RoleArn, Workload};
 use crate::{audit, events, sa_token, sts};
 use limit::{Limiter, Priority};
@@ -62,6 +63,9 @@ pub enum Error {
     /// No service-account token.
     #[error(transparent)]
     SaToken(#[from] sa_token::Error),
+    /// No JWT-SVID from the SPIRE agent (`--identity-source spire`).
+    #[error(transparent)]
+    Spire(#[from] crate::spire::Error),
     /// No STS session.
     #[error(transparent)]
     Sts(#[from] sts::Error),
@@ -88,6 +92,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::SaToken(e) => e.kind(),
+            Error::Spire(e) => e.kind(),
             Error::Sts(e) => e.kind(),
             Error::ShortLived { .. } => "short_lived",
             Error::Stopped => "stopped",
@@ -99,6 +104,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::SaToken(e) => e.is_transient(),
+            Error::Spire(e) => e.is_transient(),
             Error::Sts(e) => e.is_transient(),
             Error::ShortLived { .. } => false,
             Error::Stopped | Error::Superseded => true,
@@ -164,7 +170,7 @@ pub struct Cache {
 struct Inner {
     config: Config,
     pods: moka::future::Cache<String, Arc<PodSessions>>,
-    minter: sa_token::Minter,
+    minter: IdentitySource,
     exchanger: sts::Exchanger,
     resolver: Resolver,
     store: Store,
@@ -220,7 +226,7 @@ impl Cache {
     /// reporting failures a pod's owner can fix to `events`.
     pub fn new(
         config: Config,
-        minter: sa_token::Minter,
+        minter: impl Into<IdentitySource>,
         exchanger: sts::Exchanger,
         resolver: Resolver,
         store: Store,
@@ -239,7 +245,7 @@ impl Cache {
             inner: Arc::new(Inner {
                 config,
                 pods,
-                minter,
+                minter: minter.into(),
                 exchanger,
                 resolver,
                 store,
@@ -371,7 +377,7 @@ impl Cache {
         let inner = &self.inner;
         let called = Instant::now();
         let sa_token = inner.minter.mint(workload).await;
-        let outcome = sa_token.as_ref().map_or_else(sa_token::Error::kind, |_| "ok");
+        let outcome = sa_token.as_ref().map_or_else(Error::kind, |_| "ok");
         inner.metrics.sa_token_call(outcome, called.elapsed().as_secs_f64());
         let called = Instant::now();
         let credentials = inner.exchanger.exchange(role, workload, &sa_token?).await;

@@ -32,7 +32,7 @@ AGENT_SA = "imds-broker"
 
 def test_the_platforms_and_components_are_there():
     assert OVERLAYS == ["ec2", "eks", "on-prem"]
-    for name in [*CNI, "monitoring", "startup-taint", "token-key"]:
+    for name in [*CNI, "monitoring", "spire", "startup-taint", "token-key"]:
         assert name in COMPONENTS, f"deploy/components/{name} is missing"
     for name in COMPONENTS:
         kind = yaml.safe_load((DEPLOY / "components" / name / "kustomization.yaml").read_text())["kind"]
@@ -254,6 +254,22 @@ def test_the_token_key_component_mounts_the_secret_where_the_flag_points():
     assert path.rsplit("/", 1)[1] == "key", "the README's `kubectl create secret` names the key `key`"
     capture = checks.container(spec, "containers", "capture")
     assert all(m["name"] != mount["name"] for m in capture["volumeMounts"]), "the key is the server's alone"
+
+
+def test_the_spire_component_selects_spire_and_mounts_the_admin_socket_where_the_flag_points():
+    docs = list(render_composed(("overlays/on-prem",), ("components/spire",)))
+    spec = checks.pod_spec(daemonset(docs))
+    server = checks.container(spec, "containers", "server")
+    env = env_of(server)
+    assert env["IMDS_BROKER_IDENTITY_SOURCE"] == "spire"
+    socket = env["IMDS_BROKER_SPIRE_ADMIN_SOCKET"]
+    host = checks.mounted_host_paths(spec, server)
+    directory = socket.rsplit("/", 1)[0]
+    assert directory in host, f"{socket} is not under a hostPath mount: {host}"
+    mount = next(m for m in server["volumeMounts"] if m["mountPath"] == directory)
+    assert mount.get("readOnly") is True
+    capture = checks.container(spec, "containers", "capture")
+    assert all(m["name"] != mount["name"] for m in capture["volumeMounts"]), "the socket is the server's alone"
 
 
 def test_the_startup_taint_component_sets_the_flag_the_policy_expects():

@@ -9,6 +9,11 @@
 //! ```
 //! The ready file (written atomically once both listen) is `{"kube": url, "sts": url, "issuer": ...}`.
 //! Control over HTTP: see `FakeKube` and `FakeSts` (`/_double/...` on each).
+//!
+//! `--spire-socket PATH` also starts the SPIRE agent double (`spire.rs`) there, with the entries of
+//! `--spire-entry`, and the STS double then trusts the SPIRE OIDC discovery provider's keys and issuer
+//! (read from its discovery document, as IAM reads them) instead of the kube double's; the ready file
+//! adds `"spire_discovery": url`.
 
 #[allow(dead_code)]
 #[path = "jwt.rs"]
@@ -16,6 +21,9 @@ mod jwt;
 #[allow(dead_code)]
 #[path = "kube.rs"]
 mod kube;
+#[allow(dead_code)]
+#[path = "spire.rs"]
+mod spire;
 #[allow(dead_code)]
 #[path = "sts.rs"]
 mod sts;
@@ -54,6 +62,12 @@ struct Args {
     /// Write a kubeconfig for the Kubernetes double here (for KUBECONFIG).
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
+    /// Start the SPIRE agent double's Delegated Identity API on this Unix socket.
+    #[arg(long)]
+    spire_socket: Option<PathBuf>,
+    /// A SPIRE registration entry `SELECTOR,SELECTOR=SPIFFE_ID` (e.g. `k8s:ns:a,k8s:sa:b=spiffe://example.org/ns/a/sa/b`).
+    #[arg(long = "spire-entry", value_name = "SELECTORS=SPIFFE_ID")]
+    spire_entries: Vec<String>,
     /// Write `{"kube": url, "sts": url}` here once both are listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -76,7 +90,27 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let kube = kube::FakeKube::start_on(args.kube_listen).await?;
-    let sts = sts::FakeSts::start_on(args.sts_listen, &kube.jwks(), &kube.issuer()).await?;
+    let spire = match &args.spire_socket {
+        Some(path) => {
+            let spire = spire::FakeSpire::start(path).await?;
+            for entry in &args.spire_entries {
+                let (selectors, id) = entry
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--spire-entry {entry:?} is not SELECTORS=SPIFFE_ID"))?;
+                spire.register(&selectors.split(',').collect::<Vec<_>>(), id);
+            }
+            Some(spire)
+        }
+        None => None,
+    };
+    let (jwks, issuer) = match &spire {
+        Some(spire) => {
+            let (issuer, jwks) = spire::discover(&spire.discovery_url()).await;
+            (jwks, issuer)
+        }
+        None => (kube.jwks(), kube.issuer()),
+    };
+    let sts = sts::FakeSts::start_on(args.sts_listen, &jwks, &issuer).await?;
     sts.set_latency(Duration::from_millis(args.sts_latency_ms));
     sts.set_audience(&args.sts_audience);
     sts.trust_all(args.trust_all);
@@ -89,7 +123,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.kubeconfig_out {
         write_atomically(path, &kube.kubeconfig_yaml())?;
     }
-    let ready = json!({ "kube": kube.url(), "sts": sts.url(), "issuer": kube.issuer() });
+    let mut ready = json!({ "kube": kube.url(), "sts": sts.url(), "issuer": issuer });
+    if let Some(spire) = &spire {
+        ready["spire_discovery"] = json!(spire.discovery_url());
+    }
     if let Some(path) = &args.ready_file {
         write_atomically(path, &ready.to_string())?;
     }

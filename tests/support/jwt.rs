@@ -73,7 +73,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// `{ "name": ..., "uid": ... }` as found under `kubernetes.io`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {
     /// Object name.
     pub name: String,
@@ -82,7 +82,7 @@ pub struct ObjectRef {
 }
 
 /// The private `kubernetes.io` claim of a bound service-account token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubernetesClaims {
     /// Namespace of the service account.
     pub namespace: String,
@@ -114,10 +114,11 @@ pub struct Claims {
     /// Unique token id.
     #[serde(default)]
     pub jti: String,
-    /// Kubernetes-specific claims.
-    #[serde(rename = "kubernetes.io")]
+    /// Kubernetes-specific claims (empty in a JWT-SVID, which has none).
+    #[serde(rename = "kubernetes.io", default)]
     pub kubernetes: KubernetesClaims,
-    /// Not before, Unix seconds.
+    /// Not before, Unix seconds (0 when absent, as in a JWT-SVID).
+    #[serde(default)]
     pub nbf: i64,
     /// `system:serviceaccount:<namespace>:<name>`.
     pub sub: String,

@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod kube;
 pub mod logs;
 pub mod python;
+pub mod spire;
 pub mod sts;
 pub mod upstream;
 pub mod wire;
