@@ -115,8 +115,6 @@ async fn a_server_that_does_not_manage_iptables_is_ready_only_while_the_capture_
     let agent = cluster
         .agent_unready(&["--capture-status-file", status.to_str().unwrap()])
         .await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    assert!(!agent.is_ready().await, "ready without the capture container's word");
     let unix = |d: u64| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -124,6 +122,17 @@ async fn a_server_that_does_not_manage_iptables_is_ready_only_while_the_capture_
             .as_secs()
             + d
     };
+    // A twin started after it, whose capture container has vouched from the start: once the twin is
+    // ready, everything else readiness waits for (the same cluster's views, the prefetch) is in reach,
+    // and only the missing word can keep the first one unready.
+    let vouched = status.with_extension("vouched");
+    imds_broker::netfilter::status::write(&vouched, unix(90)).unwrap();
+    let twin = cluster
+        .agent(&["--capture-status-file", vouched.to_str().unwrap()])
+        .await;
+    assert!(twin.is_ready().await);
+    assert!(!agent.is_ready().await, "ready without the capture container's word");
+    let _ = std::fs::remove_file(&vouched);
     imds_broker::netfilter::status::write(&status, unix(90)).unwrap();
     agent.wait_ready().await;
     // Withdrawn (the capture container stopped, or a pass failed): not ready again.
