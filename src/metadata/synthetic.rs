@@ -41,7 +41,8 @@ impl Synthetic {
     /// The answer for `path` (relative to `/latest/`, no trailing slash), if this source has one.
     /// `account`: the account of the caller's role, if it has one.
     pub(super) fn get(&self, path: &str, account: Option<&str>) -> Option<Answer> {
-        let placement = self.placement.borrow().clone();
+        // Read in place: `get` never awaits, so the watch's lock is held only for this answer.
+        let placement = self.placement.borrow();
         let text = |s: &str| Some(Answer::Text(s.to_owned()));
         match path {
             "" => text(ROOT),
