@@ -85,7 +85,8 @@ impl App {
                 None
             }
         };
-        let store = Store::new(boot_time);
+        // hostNetwork pods are indexed (by UID only) just for the container-credentials endpoint.
+        let store = Store::new(boot_time).with_host_network(config.container_credentials.is_some());
         let (events_tx, events) = mpsc::channel(1024);
         let watch_metrics = watch::Metrics::register(&registry)?;
         let watcher = pods::watch::Watcher {
@@ -156,6 +157,11 @@ impl App {
             refusal_log: server::refusal_log::Limiter::register(&registry)?,
             metadata,
             namespaces: namespace_policy,
+            container: config
+                .container_credentials
+                .clone()
+                .map(|c| server::container::Endpoint::new(c, config.node_name.clone(), client.clone(), &registry))
+                .transpose()?,
         });
         let netfilter = config
             .netfilter

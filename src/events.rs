@@ -634,6 +634,7 @@ mod tests {
             ips: Vec::new(),
             running: true,
             terminating: false,
+            host_network: false,
         };
         sink.invalid_role(&workload, &error);
         let text = crate::metrics::encode(&registry);
@@ -660,6 +661,7 @@ mod tests {
             ips: Vec::new(),
             running: true,
             terminating: false,
+            host_network: false,
         };
         let throttled = credentials::Error::Sts(sts::Error::Throttled {
             role: "arn:aws:iam::111111111111:role/app".into(),

@@ -141,6 +141,9 @@ pub struct PodClaims {
     pub pod_uid: String,
     /// `kubernetes.io.serviceaccount.name`.
     pub service_account: String,
+    /// `kubernetes.io.node.name`: the node the pod was bound to when the token was issued (Kubernetes
+    /// 1.30+ writes it; older API servers do not).
+    pub node: Option<String>,
 }
 
 /// Why a token was refused.
@@ -211,8 +214,14 @@ struct Claims {
 #[derive(Deserialize)]
 struct KubernetesClaims {
     namespace: String,
+    node: Option<NodeRef>,
     pod: Option<ObjectRef>,
     serviceaccount: ObjectRef,
+}
+
+#[derive(Deserialize)]
+struct NodeRef {
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +288,7 @@ pub fn verify(token: &str, keys: &Keys, expect: &Expect, now: i64) -> Result<Pod
         pod_name: pod.name,
         pod_uid: pod.uid,
         service_account: kubernetes.serviceaccount.name,
+        node: kubernetes.node.map(|n| n.name),
     })
 }
 
@@ -428,6 +438,7 @@ mod tests {
             "sub": "system:serviceaccount:apps:reader",
             "kubernetes.io": {
                 "namespace": "apps",
+                "node": { "name": "node-a", "uid": "5f0c7a2e-1d3b-4c4a-9e8f-0a1b2c3d4e5f" },
                 "pod": { "name": "reader-0", "uid": "0b9b7f4e-2c1a-4c52-9a55-1f8f3f2d0a11" },
                 "serviceaccount": { "name": "reader", "uid": "7d1c0a7e-5a7b-4bde-8c8e-2a3c4d5e6f70" },
             },
@@ -468,6 +479,7 @@ mod tests {
                 pod_name: "reader-0".into(),
                 pod_uid: "0b9b7f4e-2c1a-4c52-9a55-1f8f3f2d0a11".into(),
                 service_account: "reader".into(),
+                node: Some("node-a".into()),
             })
         );
     }

@@ -149,6 +149,7 @@ mod tests {
             running: true,
             running_since: None,
             terminating: false,
+            host_network: false,
         }
     }
 

@@ -187,6 +187,9 @@ pub struct Workload {
     pub running_since: Option<OffsetDateTime>,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
+    /// `spec.hostNetwork`: the pod shares the node's addresses, so it is never found by IP, only by the
+    /// token it presents to the container-credentials endpoint.
+    pub host_network: bool,
 }
 
 impl Workload {

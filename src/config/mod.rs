@@ -161,6 +161,13 @@ pub struct CaptureArgs {
     /// How often the iptables rules are checked and put back if deleted or moved.
     #[arg(long, env = "IMDS_BROKER_IPTABLES_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub iptables_reconcile_interval: Duration,
+
+    /// Serve the container-credentials endpoint (`GET /v1/credentials` at 169.254.170.23, as EKS Pod
+    /// Identity): identity from the token the pod presents. The capture then also sends pods'
+    /// 169.254.170.23:80 (fd00:ec2::23 with an IPv6 node address) to the agent, and the node's own
+    /// (hostNetwork pods') too, through that address on `lo`.
+    #[arg(long, env = "IMDS_BROKER_CONTAINER_CREDENTIALS")]
+    pub container_credentials: bool,
 }
 
 /// Flags of `imds-broker iptables reconcile`.
@@ -228,6 +235,20 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_TOKEN_EXPIRATION", default_value_t = 600,
           value_parser = clap::value_parser!(i64).range(600..=86400))]
     pub token_expiration: i64,
+
+    /// The audience a token presented to the container-credentials endpoint must carry (what the
+    /// pod's projected token volume asks for).
+    #[arg(
+        long,
+        env = "IMDS_BROKER_CONTAINER_CREDENTIALS_AUDIENCE",
+        default_value = "pods.eks.amazonaws.com"
+    )]
+    pub container_credentials_audience: String,
+
+    /// The issuer (`iss`) of the cluster's service-account tokens, as the API server's
+    /// --service-account-issuer; unset: read from the API server's /.well-known/openid-configuration.
+    #[arg(long, env = "IMDS_BROKER_SERVICE_ACCOUNT_ISSUER")]
+    pub service_account_issuer: Option<String>,
 
     /// Where the web identity exchanged at STS comes from: `kubernetes` (a pod-bound service-account
     /// token, TokenRequest) or `spire` (the pod's JWT-SVID from the SPIRE agent's Delegated Identity API).
@@ -498,6 +519,8 @@ pub struct Config {
     pub token_key_file: Option<std::path::PathBuf>,
     /// `--events`.
     pub events: events::Config,
+    /// `--container-credentials`: the endpoint's settings; `None`: not served.
+    pub container_credentials: Option<server::container::Config>,
 }
 
 impl Args {
@@ -602,6 +625,10 @@ impl Args {
             metadata,
             token_key_file: self.token_key_file.clone(),
             events,
+            container_credentials: self.capture.container_credentials.then(|| server::container::Config {
+                audience: self.container_credentials_audience.clone(),
+                issuer: self.service_account_issuer.clone().filter(|i| !i.trim().is_empty()),
+            }),
         })
     }
 
@@ -689,6 +716,7 @@ impl CaptureArgs {
             node_ips: self.node_ip.clone(),
             port,
             reconcile_interval: self.iptables_reconcile_interval,
+            container_credentials: self.container_credentials,
         })
     }
 }

@@ -28,6 +28,8 @@ pub(super) struct Fake {
     pub(super) no_ip6tables: bool,
     /// Whether every restore fails, as on a lock timeout.
     pub(super) restore_fails: bool,
+    /// Addresses on `lo` added through `ip`, as `-4 169.254.170.23/32`.
+    pub(super) addresses: Mutex<Vec<String>>,
 }
 
 impl Fake {
@@ -38,6 +40,9 @@ impl Fake {
             for table in Table::ALL {
                 let mut chains = BTreeMap::new();
                 chains.insert(table.hook().to_owned(), Vec::new());
+                if table == Table::Nat {
+                    chains.insert("OUTPUT".to_owned(), Vec::new());
+                }
                 fake.tables.lock().unwrap().insert((program, table), chains);
             }
         }
@@ -74,12 +79,45 @@ impl Fake {
         std::mem::take(&mut *self.log.lock().unwrap())
     }
 
-    /// The commands since the last call that write (all but `-S` and `-C`).
+    /// The commands since the last call that write (all but `-S`, `-C` and `ip addr show`).
     pub(super) fn mutations(&self) -> Vec<String> {
         self.commands()
             .into_iter()
-            .filter(|c| !c.contains(" -S ") && !c.contains(" -C "))
+            .filter(|c| !c.contains(" -S ") && !c.contains(" -C ") && !c.contains(" addr show "))
             .collect()
+    }
+}
+
+impl Fake {
+    /// `ip -o -4 addr show dev lo to X`, `ip -4 addr add X dev lo scope host`, `ip -4 addr del X dev lo`.
+    fn ip(&self, args: &[String]) -> Result<String, ()> {
+        let mut addresses = self.addresses.lock().unwrap();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match args[..] {
+            ["-o", family, "addr", "show", "dev", "lo", "to", address] => {
+                let key = format!("{family} {address}");
+                Ok(if addresses.contains(&key) {
+                    format!("1: lo    inet {address} scope host lo\n")
+                } else {
+                    String::new()
+                })
+            }
+            [family, "addr", "add", address, "dev", "lo", "scope", "host"] => {
+                let key = format!("{family} {address}");
+                if addresses.contains(&key) {
+                    return Err(());
+                }
+                addresses.push(key);
+                Ok(String::new())
+            }
+            [family, "addr", "del", address, "dev", "lo"] => {
+                let key = format!("{family} {address}");
+                let at = addresses.iter().position(|a| *a == key).ok_or(())?;
+                addresses.remove(at);
+                Ok(String::new())
+            }
+            _ => panic!("unexpected ip command {args:?}"),
+        }
     }
 }
 
@@ -161,6 +199,9 @@ impl Backend for Fake {
         if program == Program::Conntrack {
             return Err(failed(program, args));
         }
+        if program == Program::Ip {
+            return self.ip(args).map_err(|()| failed(program, args));
+        }
         if program == Program::Ip6tables && self.no_ip6tables {
             return Err(Error::Spawn {
                 program: program.binary(),
@@ -226,6 +267,7 @@ pub(super) fn config(interfaces: &[&str], node_ips: &[&str]) -> Config {
         node_ips: node_ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         port: 8181,
         reconcile_interval: Duration::from_secs(30),
+        container_credentials: false,
     }
 }
 

@@ -39,16 +39,24 @@ use std::process::Command;
 use std::time::Duration;
 
 pub use reconcile::{Metrics, Outcome, Reconciler};
-pub use rules::{Chain, Observed, Rules, Table, argv, conntrack_flush, repair, rules, split_rule};
+pub use rules::{Chain, Observed, Rules, Table, argv, capture, conntrack_flush, repair, rules, split_rule};
 
-use rules::{jumps_to_us, listed_rules, restore_argv, rule_argv};
+use rules::{jumps_to, listed_rules, restore_argv, rule_argv, strings};
 
 /// The chain this agent owns in the `nat` and the `filter` table.
 pub const CHAIN: &str = "IMDS-BROKER";
+/// The chain this agent owns in `nat`'s `OUTPUT` with `--container-credentials`: the node's own
+/// connections to the container-credentials address.
+pub const LOCAL_CHAIN: &str = "IMDS-BROKER-LOCAL";
 /// The instance-metadata address pods dial over IPv4.
 pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The instance-metadata address pods dial over IPv6 (Nitro instances).
 pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
+
+/// The container-credentials address (EKS Pod Identity's) pods dial over IPv4.
+pub const CONTAINER_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+/// The container-credentials address pods dial over IPv6.
+pub const CONTAINER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x23);
 
 /// Where the rules send captured traffic and which interfaces they capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +69,9 @@ pub struct Config {
     pub port: u16,
     /// How often the rules are checked and repaired.
     pub reconcile_interval: Duration,
+    /// Also capture the container-credentials address ([`CONTAINER_V4`], [`CONTAINER_V6`]), from pods
+    /// and from the node itself.
+    pub container_credentials: bool,
 }
 
 /// An iptables interface pattern: a name, `+` as a trailing wildcard, `!` in front to exclude.
@@ -151,6 +162,14 @@ impl Family {
         }
     }
 
+    /// The container-credentials destination, with its prefix length as iptables prints it.
+    fn container(self) -> String {
+        match self {
+            Family::V4 => format!("{CONTAINER_V4}/32"),
+            Family::V6 => format!("{CONTAINER_V6}/128"),
+        }
+    }
+
     fn of(ip: IpAddr) -> Self {
         match ip {
             IpAddr::V4(_) => Family::V4,
@@ -172,6 +191,8 @@ pub enum Program {
     Ip6tablesRestore,
     /// `conntrack`, to forget connections made before the capture existed.
     Conntrack,
+    /// `ip` (iproute2), to put the container-credentials address on `lo`.
+    Ip,
 }
 
 impl Program {
@@ -183,6 +204,7 @@ impl Program {
             Program::IptablesRestore => "iptables-restore",
             Program::Ip6tablesRestore => "ip6tables-restore",
             Program::Conntrack => "conntrack",
+            Program::Ip => "ip",
         }
     }
 }
@@ -289,14 +311,67 @@ impl Backend for System {
 /// What [`uninstall`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Removed {
-    /// Families whose tables held one of our chains or jumps.
+    /// Families whose tables held one of our chains or jumps, or whose `lo` held our address.
     pub families: Vec<Family>,
-    /// `PREROUTING` and `INPUT` rules deleted.
+    /// `PREROUTING`, `OUTPUT` and `INPUT` rules deleted.
     pub jumps: usize,
 }
 
-/// Removes the jumps and the chains of both tables from both families; missing pieces (or a missing
-/// `ip6tables`) are fine.
+/// Every chain we may own: table, hook, chain.
+const OWNED: [(Table, &str, &str); 3] = [
+    (Table::Nat, "PREROUTING", CHAIN),
+    (Table::Nat, "OUTPUT", LOCAL_CHAIN),
+    (Table::Filter, "INPUT", CHAIN),
+];
+
+/// The `ip` commands that manage the container-credentials address on `lo`.
+pub struct LocalAddress {
+    /// Lists it (empty output: absent).
+    pub show: Vec<String>,
+    /// Adds it, scope host (never picked as a source address).
+    pub add: Vec<String>,
+    /// Removes it.
+    pub delete: Vec<String>,
+}
+
+/// The `ip` argvs for `family`'s container-credentials address on `lo`.
+pub fn local_address(family: Family) -> LocalAddress {
+    let (flag, address) = match family {
+        Family::V4 => ("-4", format!("{CONTAINER_V4}/32")),
+        Family::V6 => ("-6", format!("{CONTAINER_V6}/128")),
+    };
+    LocalAddress {
+        show: strings(&["-o", flag, "addr", "show", "dev", "lo", "to", &address]),
+        add: strings(&[flag, "addr", "add", &address, "dev", "lo", "scope", "host"]),
+        delete: strings(&[flag, "addr", "del", &address, "dev", "lo"]),
+    }
+}
+
+/// Removes `chain` and every jump to it from `hook`; the number of jumps removed, plus one for the
+/// chain. Nothing to remove (or no such table) is fine.
+pub(crate) fn remove_chain<B: Backend + ?Sized>(
+    backend: &B,
+    program: Program,
+    table: Table,
+    hook: &str,
+    chain: &str,
+) -> Result<usize, Error> {
+    let mut removed = 0;
+    let listing = backend.run(program, &argv(table, &["-S", hook]))?;
+    for spec in listed_rules(&listing, hook).iter().filter(|s| jumps_to(s, chain)) {
+        backend.run(program, &rule_argv(table, "-D", hook, spec))?;
+        removed += 1;
+    }
+    if backend.run(program, &argv(table, &["-S", chain])).is_ok() {
+        backend.run(program, &argv(table, &["-F", chain]))?;
+        backend.run(program, &argv(table, &["-X", chain]))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Removes the jumps and the chains of both tables from both families, and the container-credentials
+/// address from `lo`; missing pieces (or a missing `ip6tables`) are fine.
 ///
 /// Not one transaction: removing the capture is the point, and a half-done uninstall is finished by the
 /// next one.
@@ -305,25 +380,28 @@ pub fn uninstall<B: Backend + ?Sized>(backend: &B) -> Result<Removed, Error> {
     for family in Family::ALL {
         let program = family.program();
         let mut touched = false;
-        for table in Table::ALL {
-            let hook = table.hook();
-            let listing = match backend.run(program, &argv(table, &["-S", hook])) {
-                Ok(listing) => listing,
+        for (table, hook, chain) in OWNED {
+            // Listing the hook first tells whether this family's table exists at all.
+            match backend.run(program, &argv(table, &["-S", hook])) {
+                Ok(listing) => {
+                    removed.jumps += listed_rules(&listing, hook)
+                        .iter()
+                        .filter(|s| jumps_to(s, chain))
+                        .count();
+                }
                 // No ip6tables binary, or no such table for this family: nothing of ours can be there.
-                Err(Error::Spawn { .. }) if family == Family::V6 => continue,
-                Err(Error::Failed { .. }) if family == Family::V6 => continue,
+                Err(Error::Spawn { .. } | Error::Failed { .. }) if family == Family::V6 => continue,
                 Err(error) => return Err(error),
-            };
-            for spec in listed_rules(&listing, hook).iter().filter(|s| jumps_to_us(s)) {
-                backend.run(program, &rule_argv(table, "-D", hook, spec))?;
-                removed.jumps += 1;
-                touched = true;
             }
-            if backend.run(program, &argv(table, &["-S", CHAIN])).is_ok() {
-                backend.run(program, &argv(table, &["-F", CHAIN]))?;
-                backend.run(program, &argv(table, &["-X", CHAIN]))?;
-                touched = true;
-            }
+            touched |= remove_chain(backend, program, table, hook, chain)? > 0;
+        }
+        let address = local_address(family);
+        if backend
+            .run(Program::Ip, &address.show)
+            .is_ok_and(|listed| !listed.trim().is_empty())
+        {
+            backend.run(Program::Ip, &address.delete)?;
+            touched = true;
         }
         if touched {
             removed.families.push(family);
@@ -387,6 +465,60 @@ mod tests {
             }
         }
         assert_eq!(uninstall(fake).unwrap(), Removed::default());
+    }
+
+    #[test]
+    fn container_credentials_install_the_local_chain_and_address_and_uninstall_removes_them() {
+        let fake = &Fake::new();
+        let mut config = config(&["cali+"], &["10.0.0.7", "fd00::2"]);
+        config.container_credentials = true;
+        assert_eq!(reconcile::ensure(fake, &config).unwrap(), reconcile::Outcome::Changed);
+        assert_eq!(
+            *fake.addresses.lock().unwrap(),
+            ["-4 169.254.170.23/32", "-6 fd00:ec2::23/128"]
+        );
+        for program in ["iptables", "ip6tables"] {
+            let output = fake.chain(program, "OUTPUT").unwrap();
+            assert_eq!(output.len(), 1, "{program}: {output:?}");
+            assert!(jumps_to(&output[0], LOCAL_CHAIN));
+            assert_eq!(fake.chain(program, LOCAL_CHAIN).unwrap().len(), 1);
+        }
+        fake.commands();
+        assert_eq!(
+            reconcile::ensure(fake, &config).unwrap(),
+            reconcile::Outcome::Unchanged,
+            "a second pass finds everything in place"
+        );
+        assert!(fake.mutations().is_empty());
+
+        // Another writer removes the address: the next pass puts it back.
+        fake.addresses.lock().unwrap().clear();
+        assert_eq!(reconcile::ensure(fake, &config).unwrap(), reconcile::Outcome::Changed);
+        assert_eq!(fake.addresses.lock().unwrap().len(), 2);
+
+        let removed = uninstall(fake).unwrap();
+        assert_eq!(removed.jumps, 6, "PREROUTING, OUTPUT and INPUT, in both families");
+        assert!(fake.addresses.lock().unwrap().is_empty(), "the address left lo");
+        for program in ["iptables", "ip6tables"] {
+            assert!(fake.chain(program, LOCAL_CHAIN).is_none());
+            assert!(fake.chain(program, "OUTPUT").unwrap().is_empty());
+        }
+        assert_eq!(uninstall(fake).unwrap(), Removed::default());
+    }
+
+    #[test]
+    fn turning_container_credentials_off_removes_the_nodes_own_capture() {
+        let fake = &Fake::new();
+        let mut config = config(&["cali+"], &["10.0.0.7"]);
+        config.container_credentials = true;
+        reconcile::ensure(fake, &config).unwrap();
+        config.container_credentials = false;
+        assert_eq!(reconcile::ensure(fake, &config).unwrap(), reconcile::Outcome::Changed);
+        assert!(fake.chain("iptables", LOCAL_CHAIN).is_none());
+        assert!(fake.chain("iptables", "OUTPUT").unwrap().is_empty());
+        let nat = fake.chain("iptables", CHAIN).unwrap();
+        assert!(nat.iter().all(|r| !r.join(" ").contains("169.254.170.23")), "{nat:?}");
+        assert_eq!(reconcile::ensure(fake, &config).unwrap(), reconcile::Outcome::Unchanged);
     }
 
     #[test]

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
-use super::rules::{Chain, Observed, Rules, argv, chain_shaped, jump_shaped, listed_rules, repair, rule_argv, rules};
-use super::{Backend, CHAIN, Config, Error, Family, Program, conntrack_flush};
+use super::rules::{Chain, Observed, Rules, argv, capture, chain_shaped, jump_shaped, listed_rules, repair, rule_argv};
+use super::{Backend, CHAIN, Config, Error, Family, LOCAL_CHAIN, Program, Table, conntrack_flush, local_address};
 
 /// What one reconcile pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,12 +125,33 @@ impl<B: Backend> Reconciler<B> {
 pub(super) fn ensure<B: Backend + ?Sized>(backend: &B, config: &Config) -> Result<Outcome, Error> {
     let mut outcome = Outcome::Unchanged;
     for ip in &config.node_ips {
-        let wanted = rules(&config.interfaces, *ip, config.port);
+        let wanted = capture(config, *ip);
+        if config.container_credentials && ensure_address(backend, wanted.family)? == Outcome::Changed {
+            outcome = Outcome::Changed;
+        }
         if ensure_family(backend, &wanted)? == Outcome::Changed {
+            outcome = Outcome::Changed;
+        }
+        if !config.container_credentials
+            && super::remove_chain(backend, wanted.family.program(), Table::Nat, "OUTPUT", LOCAL_CHAIN)? > 0
+        {
+            // Turned off: the node's own traffic is no longer sent to us (pods' no longer either, as
+            // the rewritten nat chain shows). The address on `lo` is left to `iptables uninstall`.
             outcome = Outcome::Changed;
         }
     }
     Ok(outcome)
+}
+
+/// Puts the container-credentials address on `lo`, so that the node's own connections to it are local
+/// (never routed off the node, with or without a default route) and meet [`LOCAL_CHAIN`]'s DNAT.
+fn ensure_address<B: Backend + ?Sized>(backend: &B, family: Family) -> Result<Outcome, Error> {
+    let address = local_address(family);
+    if !backend.run(Program::Ip, &address.show)?.trim().is_empty() {
+        return Ok(Outcome::Unchanged);
+    }
+    backend.run(Program::Ip, &address.add)?;
+    Ok(Outcome::Changed)
 }
 
 fn ensure_family<B: Backend + ?Sized>(backend: &B, wanted: &Rules) -> Result<Outcome, Error> {
@@ -156,8 +177,9 @@ fn ensure_family<B: Backend + ?Sized>(backend: &B, wanted: &Rules) -> Result<Out
 fn observe<B: Backend + ?Sized>(backend: &B, family: Family, wanted: &Chain) -> Result<Observed, Error> {
     let program = family.program();
     let table = wanted.table;
-    let chain = match backend.run(program, &argv(table, &["-S", CHAIN])) {
-        Ok(listing) => Some(listed_rules(&listing, CHAIN)),
+    let (hook, name) = (wanted.hook, wanted.name);
+    let chain = match backend.run(program, &argv(table, &["-S", name])) {
+        Ok(listing) => Some(listed_rules(&listing, name)),
         // iptables exits 1 for a chain that does not exist.
         Err(Error::Failed { .. }) => None,
         Err(other) => return Err(other),
@@ -166,18 +188,15 @@ fn observe<B: Backend + ?Sized>(backend: &B, family: Family, wanted: &Chain) -> 
         && wanted
             .rules
             .iter()
-            .all(|spec| backend.run(program, &rule_argv(table, "-C", CHAIN, spec)).is_ok());
-    let hook = listed_rules(
-        &backend.run(program, &argv(table, &["-S", table.hook()]))?,
-        table.hook(),
-    );
-    let jump_checked = jump_shaped(&hook)
+            .all(|spec| backend.run(program, &rule_argv(table, "-C", name, spec)).is_ok());
+    let listed = listed_rules(&backend.run(program, &argv(table, &["-S", hook]))?, hook);
+    let jump_checked = jump_shaped(&listed, name)
         && backend
-            .run(program, &rule_argv(table, "-C", table.hook(), &wanted.jump))
+            .run(program, &rule_argv(table, "-C", hook, &wanted.jump))
             .is_ok();
     Ok(Observed {
         chain,
-        hook,
+        hook: listed,
         chain_checked,
         jump_checked,
     })

@@ -18,11 +18,14 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{CHAIN, Family, IMDS_V4, IMDS_V6, Interface};
+use super::{CHAIN, Config, Family, IMDS_V4, IMDS_V6, Interface, LOCAL_CHAIN};
 
 /// Seconds iptables waits for the xtables lock held by kube-proxy, the CNI or another agent.
 pub(super) const LOCK_WAIT_SECONDS: &str = "5";
 const JUMP_COMMENT: &str = "imds-broker: capture instance metadata";
+const JUMP_BOTH_COMMENT: &str = "imds-broker: capture instance metadata and container credentials";
+const LOCAL_JUMP_COMMENT: &str = "imds-broker: container credentials from the node";
+const LOCAL_COMMENT: &str = "imds-broker: node's container credentials";
 const DNAT_COMMENT: &str = "imds-broker: to the node agent";
 const RETURN_COMMENT: &str = "imds-broker: not a pod interface";
 const GUARD_COMMENT: &str = "imds-broker: guard the IMDS port";
@@ -59,12 +62,16 @@ impl Table {
     }
 }
 
-/// What one table should hold: the jump at the top of its hook and our chain's contents, as rule specs
-/// (what follows `-A <chain>`).
+/// What one of our chains should hold: the jump at the top of its hook and the chain's contents, as
+/// rule specs (what follows `-A <chain>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     /// The table.
     pub table: Table,
+    /// The built-in chain whose first rule jumps to ours.
+    pub hook: &'static str,
+    /// Our chain's name ([`CHAIN`], or [`LOCAL_CHAIN`] in `nat`'s `OUTPUT`).
+    pub name: &'static str,
     /// The first rule of the table's hook.
     pub jump: Vec<String>,
     /// The rules of [`CHAIN`] in this table, in order.
@@ -80,13 +87,24 @@ pub struct Rules {
     pub nat: Chain,
     /// The guard of the IMDS port in `filter`.
     pub filter: Chain,
+    /// With `--container-credentials`: the node's own (hostNetwork pods') container-credentials traffic,
+    /// DNATed in `nat`'s `OUTPUT`.
+    pub local: Option<Chain>,
 }
 
 impl Rules {
-    /// Both tables' rules, `nat` first.
-    pub fn chains(&self) -> [&Chain; 2] {
+    /// Every chain's rules, `nat` first.
+    pub fn chains(&self) -> Vec<&Chain> {
         [&self.nat, &self.filter]
+            .into_iter()
+            .chain(self.local.as_ref())
+            .collect()
     }
+}
+
+/// The rules `config` asks for, for `node_ip`'s family.
+pub fn capture(config: &Config, node_ip: IpAddr) -> Rules {
+    build(&config.interfaces, node_ip, config.port, config.container_credentials)
 }
 
 /// Builds the rules sending `family`'s metadata traffic to `node_ip:port` and guarding that port.
@@ -96,6 +114,14 @@ impl Rules {
 /// for every other interface when only exclusions are given. With included patterns the filter chain ends
 /// in a `DROP`: the IMDS port answers pod interfaces only, not the node's other interfaces nor loopback.
 pub fn rules(interfaces: &[Interface], node_ip: IpAddr, port: u16) -> Rules {
+    build(interfaces, node_ip, port, false)
+}
+
+/// [`rules`], and with `container` the container-credentials address too: the same DNATs and
+/// exclusions for it in `PREROUTING` (whose jump then matches port 80 to any address, our chain telling
+/// the two apart), the node's own traffic to it DNATed in `OUTPUT` ([`LOCAL_CHAIN`]), and the guard
+/// letting that traffic in from `lo`, and only what was DNATed from the container-credentials address.
+fn build(interfaces: &[Interface], node_ip: IpAddr, port: u16, container: bool) -> Rules {
     let family = Family::of(node_ip);
     let (to, node) = match node_ip {
         IpAddr::V4(ip) => (format!("{ip}:{port}"), format!("{ip}/32")),
@@ -129,19 +155,44 @@ pub fn rules(interfaces: &[Interface], node_ip: IpAddr, port: u16) -> Rules {
     let excluded: Vec<&Interface> = interfaces.iter().filter(|i| i.negated).collect();
     let included: Vec<&Interface> = interfaces.iter().filter(|i| !i.negated).collect();
 
+    let container_address = family.container();
+    let destinations: Vec<&str> = std::iter::once(imds.as_str())
+        .chain(container.then_some(container_address.as_str()))
+        .collect();
+
     let mut nat = Vec::new();
     let mut filter = Vec::new();
+    if container {
+        // The node's own connections to the container-credentials address, DNATed in OUTPUT, arrive on
+        // `lo`: let in those, and no other local traffic, before any DROP.
+        let mut spec = matching(&node, &port, Some("lo"), LOCAL_JUMP_COMMENT);
+        spec.extend(strings(&[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+            "--ctorigdst",
+            &container_address,
+            "-j",
+            "RETURN",
+        ]));
+        filter.push(spec);
+    }
     for interface in &excluded {
         let name = Some(interface.name.as_str());
-        nat.push(with_target(
-            matching(&imds, "80", name, RETURN_COMMENT),
-            &["-j", "RETURN"],
-        ));
+        for destination in &destinations {
+            nat.push(with_target(
+                matching(destination, "80", name, RETURN_COMMENT),
+                &["-j", "RETURN"],
+            ));
+        }
         filter.push(with_target(matching(&node, &port, name, DROP_COMMENT), &["-j", "DROP"]));
     }
     let dnat = ["-j", "DNAT", "--to-destination", &to];
     if included.is_empty() {
-        nat.push(with_target(matching(&imds, "80", None, DNAT_COMMENT), &dnat));
+        for destination in &destinations {
+            nat.push(with_target(matching(destination, "80", None, DNAT_COMMENT), &dnat));
+        }
         filter.push(with_target(
             matching(&node, &port, None, POD_COMMENT),
             &["-j", "RETURN"],
@@ -149,7 +200,9 @@ pub fn rules(interfaces: &[Interface], node_ip: IpAddr, port: u16) -> Rules {
     }
     for interface in &included {
         let name = Some(interface.name.as_str());
-        nat.push(with_target(matching(&imds, "80", name, DNAT_COMMENT), &dnat));
+        for destination in &destinations {
+            nat.push(with_target(matching(destination, "80", name, DNAT_COMMENT), &dnat));
+        }
         filter.push(with_target(
             matching(&node, &port, name, POD_COMMENT),
             &["-j", "RETURN"],
@@ -158,18 +211,44 @@ pub fn rules(interfaces: &[Interface], node_ip: IpAddr, port: u16) -> Rules {
     if !included.is_empty() {
         filter.push(with_target(matching(&node, &port, None, DROP_COMMENT), &["-j", "DROP"]));
     }
+    let nat_jump = if container {
+        // Port 80 to either address: no `-d`, our chain's rules name both.
+        let mut spec = strings(&["-p", "tcp", "-m", "tcp", "--dport", "80"]);
+        spec.extend(strings(&["-m", "comment", "--comment", JUMP_BOTH_COMMENT, "-j", CHAIN]));
+        spec
+    } else {
+        with_target(matching(&imds, "80", None, JUMP_COMMENT), &["-j", CHAIN])
+    };
+    let local = container.then(|| Chain {
+        table: Table::Nat,
+        hook: "OUTPUT",
+        name: LOCAL_CHAIN,
+        jump: with_target(
+            matching(&container_address, "80", None, LOCAL_JUMP_COMMENT),
+            &["-j", LOCAL_CHAIN],
+        ),
+        rules: vec![with_target(
+            matching(&container_address, "80", None, LOCAL_COMMENT),
+            &dnat,
+        )],
+    });
     Rules {
         family,
         nat: Chain {
             table: Table::Nat,
-            jump: with_target(matching(&imds, "80", None, JUMP_COMMENT), &["-j", CHAIN]),
+            hook: Table::Nat.hook(),
+            name: CHAIN,
+            jump: nat_jump,
             rules: nat,
         },
         filter: Chain {
             table: Table::Filter,
+            hook: Table::Filter.hook(),
+            name: CHAIN,
             jump: with_target(matching(&node, &port, None, GUARD_COMMENT), &["-j", CHAIN]),
             rules: filter,
         },
+        local,
     }
 }
 
@@ -197,9 +276,9 @@ pub(super) fn chain_shaped(wanted: &Chain, present: Option<&[Vec<String>]>) -> b
     })
 }
 
-/// Whether the hook holds exactly one jump to us, as its first rule.
-pub(super) fn jump_shaped(hook: &[Vec<String>]) -> bool {
-    hook.iter().filter(|spec| jumps_to_us(spec)).count() == 1 && hook.first().is_some_and(|r| jumps_to_us(r))
+/// Whether the hook holds exactly one jump to `chain`, as its first rule.
+pub(super) fn jump_shaped(hook: &[Vec<String>], chain: &str) -> bool {
+    hook.iter().filter(|spec| jumps_to(spec, chain)).count() == 1 && hook.first().is_some_and(|r| jumps_to(r, chain))
 }
 
 /// The `iptables-restore --noflush` payload that puts `wanted` in place, or `None` when it already is.
@@ -214,17 +293,17 @@ pub(super) fn jump_shaped(hook: &[Vec<String>]) -> bool {
 /// nothing at all changes and the capture stays as it was.
 pub fn repair(wanted: &Chain, observed: &Observed) -> Option<String> {
     let chain_ok = observed.chain_checked && chain_shaped(wanted, observed.chain.as_deref());
-    let jump_ok = observed.jump_checked && jump_shaped(&observed.hook);
+    let jump_ok = observed.jump_checked && jump_shaped(&observed.hook, wanted.name);
     if chain_ok && jump_ok {
         return None;
     }
-    let hook = wanted.table.hook();
-    let mut payload = format!("*{}\n:{CHAIN} - [0:0]\n", wanted.table.name());
+    let (hook, chain) = (wanted.hook, wanted.name);
+    let mut payload = format!("*{}\n:{chain} - [0:0]\n", wanted.table.name());
     for spec in &wanted.rules {
-        line(&mut payload, &["-A", CHAIN], spec);
+        line(&mut payload, &["-A", chain], spec);
     }
     if !jump_ok {
-        for spec in observed.hook.iter().filter(|spec| jumps_to_us(spec)) {
+        for spec in observed.hook.iter().filter(|spec| jumps_to(spec, chain)) {
             line(&mut payload, &["-D", hook], spec);
         }
         line(&mut payload, &["-I", hook, "1"], &wanted.jump);
@@ -332,8 +411,15 @@ pub(super) fn fingerprint(spec: &[String]) -> (Option<(bool, &str)>, Option<&str
     (interface, target)
 }
 
+/// Whether a rule jumps to [`CHAIN`].
+#[cfg(test)]
 pub(super) fn jumps_to_us(spec: &[String]) -> bool {
-    spec.windows(2).any(|w| w[0] == "-j" && w[1] == CHAIN)
+    jumps_to(spec, CHAIN)
+}
+
+/// Whether a rule jumps to `chain`.
+pub(super) fn jumps_to(spec: &[String], chain: &str) -> bool {
+    spec.windows(2).any(|w| w[0] == "-j" && w[1] == chain)
 }
 
 /// The argv that deletes the conntrack entries of connections that reached the metadata address itself.
@@ -410,6 +496,86 @@ mod tests {
         let dnat = rules.nat.rules[0].join(" ");
         assert!(dnat.starts_with("-d fd00:ec2::254/128 -i eni+"), "{dnat}");
         assert!(dnat.ends_with("--to-destination [fd00::2]:8181"), "{dnat}");
+    }
+
+    fn with_container(interfaces: &[&str], node: &str) -> Rules {
+        let mut config = config(interfaces, &[node]);
+        config.container_credentials = true;
+        capture(&config, config.node_ips[0])
+    }
+
+    #[test]
+    fn container_credentials_are_captured_on_the_same_interfaces_by_the_same_chain() {
+        let rules = with_container(&["cali+", "!eth0"], "10.0.0.7");
+        assert_eq!(
+            rules.nat.jump.join(" "),
+            "-p tcp -m tcp --dport 80 -m comment --comment \
+             imds-broker: capture instance metadata and container credentials -j IMDS-BROKER"
+        );
+        let chain: Vec<String> = rules.nat.rules.iter().map(|r| r.join(" ")).collect();
+        assert_eq!(
+            chain,
+            [
+                "-d 169.254.169.254/32 -i eth0 -p tcp -m tcp --dport 80 -m comment --comment \
+                 imds-broker: not a pod interface -j RETURN",
+                "-d 169.254.170.23/32 -i eth0 -p tcp -m tcp --dport 80 -m comment --comment \
+                 imds-broker: not a pod interface -j RETURN",
+                "-d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -m comment --comment \
+                 imds-broker: to the node agent -j DNAT --to-destination 10.0.0.7:8181",
+                "-d 169.254.170.23/32 -i cali+ -p tcp -m tcp --dport 80 -m comment --comment \
+                 imds-broker: to the node agent -j DNAT --to-destination 10.0.0.7:8181",
+            ]
+        );
+        let local = rules.local.expect("the node's own traffic has a chain");
+        assert_eq!(
+            (local.table, local.hook, local.name),
+            (Table::Nat, "OUTPUT", LOCAL_CHAIN)
+        );
+        assert_eq!(
+            local.jump.join(" "),
+            "-d 169.254.170.23/32 -p tcp -m tcp --dport 80 -m comment --comment \
+             imds-broker: container credentials from the node -j IMDS-BROKER-LOCAL"
+        );
+        assert_eq!(
+            local.rules.iter().map(|r| r.join(" ")).collect::<Vec<_>>(),
+            ["-d 169.254.170.23/32 -p tcp -m tcp --dport 80 -m comment --comment \
+              imds-broker: node's container credentials -j DNAT --to-destination 10.0.0.7:8181"]
+        );
+        // The guard lets in from `lo` only what was DNATed from the container-credentials address,
+        // before the DROP that keeps the port for pod interfaces.
+        let guard: Vec<String> = rules.filter.rules.iter().map(|r| r.join(" ")).collect();
+        assert_eq!(
+            guard[0],
+            "-d 10.0.0.7/32 -i lo -p tcp -m tcp --dport 8181 -m comment --comment \
+             imds-broker: container credentials from the node -m conntrack --ctstate DNAT \
+             --ctorigdst 169.254.170.23/32 -j RETURN"
+        );
+        assert_eq!(fingerprint(rules.filter.rules.last().unwrap()), (None, Some("DROP")));
+    }
+
+    #[test]
+    fn container_credentials_over_ipv6_use_fd00_ec2_23() {
+        let rules = with_container(&["eni+"], "fd00::2");
+        let chain: Vec<String> = rules.nat.rules.iter().map(|r| r.join(" ")).collect();
+        assert!(chain[1].starts_with("-d fd00:ec2::23/128 -i eni+"), "{chain:?}");
+        let local = rules.local.unwrap();
+        assert!(local.rules[0].join(" ").ends_with("--to-destination [fd00::2]:8181"));
+    }
+
+    #[test]
+    fn without_container_credentials_nothing_about_them_is_written() {
+        let rules = capture(&config(&["cali+"], &["10.0.0.7"]), "10.0.0.7".parse().unwrap());
+        assert!(rules.local.is_none());
+        assert_eq!(rules.chains().len(), 2);
+        let all: Vec<String> = rules
+            .chains()
+            .iter()
+            .flat_map(|c| c.rules.iter().map(|r| r.join(" ")))
+            .collect();
+        assert!(
+            all.iter().all(|r| !r.contains("169.254.170.23") && !r.contains(" lo ")),
+            "{all:?}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::time::Instant;
 
-pub use index::{Change, Hold, Index, Lookup};
+pub use index::{ByUid, Change, Hold, Index, Lookup};
 
 /// The host's kernel boot time in Unix seconds, from the `btime` line of `/proc/stat` (the kernel's,
 /// not the container's: containers share the host's kernel and its `/proc/stat`).
@@ -79,6 +79,13 @@ impl Store {
         }
     }
 
+    /// The same store, also indexing `hostNetwork` pods by UID (the container-credentials endpoint is
+    /// on). Call before anything is indexed.
+    pub fn with_host_network(self, host_network: bool) -> Self {
+        self.write(|index| *index = std::mem::take(index).with_host_network(host_network));
+        self
+    }
+
     /// The view now.
     pub fn view(&self) -> View {
         *self.view.borrow()
@@ -127,6 +134,23 @@ impl Store {
             generation.borrow_and_update();
             let found = self.lookup(ip);
             if !matches!(found, Lookup::Unknown | Lookup::Pending) {
+                return found;
+            }
+            match tokio::time::timeout_at(deadline, generation.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return found,
+            }
+        }
+    }
+
+    /// The pod with `uid`, waiting until `deadline` for the watch to learn of it when it is not known
+    /// yet (the kubelet mints a pod's token, and the pod may present it, before our watch event lands).
+    pub async fn by_uid_or_wait(&self, uid: &str, deadline: Instant) -> ByUid {
+        let mut generation = self.generation.subscribe();
+        loop {
+            generation.borrow_and_update();
+            let found = self.read(|index| index.by_uid(uid));
+            if found != ByUid::Unknown {
                 return found;
             }
             match tokio::time::timeout_at(deadline, generation.changed()).await {

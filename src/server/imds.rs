@@ -158,6 +158,8 @@ pub struct Handler {
     pub metadata: Metadata,
     /// Namespaces that require IMDSv2 whatever `--imdsv2` says.
     pub namespaces: crate::namespaces::Policy,
+    /// `--container-credentials`: the `GET /v1/credentials` endpoint, served on the same port.
+    pub container: Option<super::container::Endpoint>,
 }
 
 impl Handler {
@@ -167,6 +169,11 @@ impl Handler {
         // An IPv4 peer seen through a dual-stack socket arrives as `::ffff:a.b.c.d`; pods are indexed
         // by the plain IPv4 address.
         let peer = peer.to_canonical();
+        if let Some(endpoint) = &self.container
+            && request.uri().path() == super::container::PATH
+        {
+            return self.container_credentials(endpoint, peer, &request).await;
+        }
         let header_bytes: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
         let route = if header_bytes > super::MAX_HEADERS {
             Err(Failure::HeadersTooLarge)

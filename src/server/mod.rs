@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod connections;
+pub mod container;
 pub mod document;
 pub mod hop_limit;
 pub mod imds;

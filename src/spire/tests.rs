@@ -13,6 +13,7 @@ fn workload() -> Workload {
         running: true,
         running_since: None,
         terminating: false,
+        host_network: false,
     }
 }
 

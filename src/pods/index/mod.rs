@@ -3,8 +3,10 @@
 //! Invariants:
 //! - entries are keyed by pod UID, and an IP points at UIDs, so a late delete of an old pod can never
 //!   remove a newer pod that reuses its IP;
-//! - `hostNetwork` pods are never indexed (their IP is the node's and identifies nothing), nor are pods
-//!   that finished (`Succeeded`/`Failed`) or that have no UID;
+//! - `hostNetwork` pods are never found by IP (their IP is the node's and identifies nothing): they are
+//!   not indexed at all, or, when the container-credentials endpoint is on, indexed by UID alone (found
+//!   only by the token they present); pods that finished (`Succeeded`/`Failed`) or that have no UID are
+//!   never indexed;
 //! - a pod whose containers have all terminated for good (deleting, or a restart policy that will not
 //!   start them again), or whose every container started before the node last booted (its status was
 //!   not republished since a reboot, and the CNI may have handed its IP to another pod), is *held*: its
@@ -57,6 +59,17 @@ pub enum Change {
     },
 }
 
+/// What a pod UID resolves to (the container-credentials endpoint's question).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ByUid {
+    /// The pod is served.
+    Served(Arc<Workload>),
+    /// The pod is indexed but held (terminated, not republished since the node booted, or unreadable).
+    Held,
+    /// No pod of this node has the UID.
+    Unknown,
+}
+
 /// Why an indexed pod is not served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -81,13 +94,17 @@ pub struct Index {
     unreadable_accounts: HashSet<(String, String)>,
     /// The node's boot time in Unix seconds, when known.
     boot_time: Option<i64>,
+    /// Whether `hostNetwork` pods are indexed (by UID only).
+    host_network: bool,
 }
 
-/// Converts a pod to a workload, or `None` when the pod must not be indexed.
-pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Workload> {
+/// Converts a pod to a workload, or `None` when the pod must not be indexed. A `hostNetwork` pod is
+/// one only with `host_network`, and then without addresses.
+pub fn workload_of(pod: &Pod, service_account_role: Option<String>, host_network: bool) -> Option<Workload> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref()?;
-    if spec.host_network == Some(true) {
+    let on_host = spec.host_network == Some(true);
+    if on_host && !host_network {
         return None;
     }
     let status = pod.status.as_ref();
@@ -102,8 +119,11 @@ pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Wo
         .flatten()
         .filter_map(|p| p.ip.parse().ok())
         .collect();
-    // Older API servers only fill `podIP`.
-    if ips.is_empty() {
+    if on_host {
+        // The node's own addresses: they identify nothing.
+        ips.clear();
+    } else if ips.is_empty() {
+        // Older API servers only fill `podIP`.
         ips.extend(
             status
                 .and_then(|s| s.pod_ip.as_deref())
@@ -126,6 +146,7 @@ pub fn workload_of(pod: &Pod, service_account_role: Option<String>) -> Option<Wo
         running: phase == Some("Running"),
         running_since: running_since(pod),
         terminating: meta.deletion_timestamp.is_some(),
+        host_network: on_host,
     })
 }
 
@@ -208,6 +229,11 @@ impl Index {
         }
     }
 
+    /// Also indexes `hostNetwork` pods, by UID only (for the container-credentials endpoint).
+    pub fn with_host_network(self, host_network: bool) -> Self {
+        Self { host_network, ..self }
+    }
+
     /// Number of served pods.
     pub fn len(&self) -> usize {
         self.pods.len()
@@ -246,6 +272,15 @@ impl Index {
         self.pods.get(uid).map(|w| &**w)
     }
 
+    /// Whether the pod with this UID is served, held or unknown.
+    pub fn by_uid(&self, uid: &str) -> ByUid {
+        match self.pods.get(uid) {
+            Some(workload) => ByUid::Served(workload.clone()),
+            None if self.held.contains_key(uid) => ByUid::Held,
+            None => ByUid::Unknown,
+        }
+    }
+
     /// Every served workload.
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.pods.values()
@@ -255,7 +290,7 @@ impl Index {
     pub fn apply_pod(&mut self, pod: &Pod) -> Option<Change> {
         let uid = pod.metadata.uid.clone()?;
         let (sa_role, sa_unreadable) = self.service_account_role_for(pod);
-        let workload = workload_of(pod, sa_role).map(|w| Workload {
+        let workload = workload_of(pod, sa_role, self.host_network).map(|w| Workload {
             service_account_unreadable: sa_unreadable,
             ..w
         });

@@ -63,6 +63,46 @@ fn host_network_pods_are_never_indexed() {
 }
 
 #[test]
+fn with_container_credentials_host_network_pods_are_found_by_uid_and_never_by_ip() {
+    let mut index = Index::new().with_host_network(true);
+    let mut p = pod("h", "uid-h", &["192.168.1.10"], Some("r"));
+    p.spec.as_mut().unwrap().host_network = Some(true);
+    let Some(Change::Upserted(w)) = index.apply_pod(&p) else {
+        panic!("a hostNetwork pod is indexed when the endpoint is on");
+    };
+    assert!(w.host_network);
+    assert!(w.ips.is_empty(), "the node's address is not the pod's: {:?}", w.ips);
+    assert_eq!(index.lookup(ip("192.168.1.10")), Lookup::Unknown);
+    assert_eq!(index.sizes(), (1, 0, 0), "no address is indexed");
+    assert!(matches!(index.by_uid("uid-h"), ByUid::Served(w) if w.name == "h"));
+    assert_eq!(index.by_uid("uid-other"), ByUid::Unknown);
+    // An ordinary pod sharing nothing with it is still found by IP.
+    index.apply_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+    assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("uid-a"));
+}
+
+#[test]
+fn by_uid_tells_served_held_and_unknown_pods_apart() {
+    let mut index = Index::with_boot_time(Some(BOOT));
+    index.apply_pod(&with_container(
+        pod("a", "uid-a", &["10.0.0.1"], None),
+        true,
+        BOOT + 5,
+        0,
+    ));
+    index.apply_pod(&with_container(
+        pod("b", "uid-b", &["10.0.0.2"], None),
+        true,
+        BOOT - 5,
+        0,
+    ));
+    assert!(matches!(index.by_uid("uid-a"), ByUid::Served(_)));
+    assert_eq!(index.by_uid("uid-b"), ByUid::Held, "started before the boot: held");
+    index.delete_pod(&pod("a", "uid-a", &["10.0.0.1"], None));
+    assert_eq!(index.by_uid("uid-a"), ByUid::Unknown, "deleted");
+}
+
+#[test]
 fn a_pod_switching_to_host_network_is_removed() {
     let mut index = Index::new();
     let mut p = pod("h", "uid-h", &["10.0.0.9"], None);
@@ -384,7 +424,7 @@ fn an_unreadable_service_account_marks_its_pods_until_it_is_read_or_deleted() {
 
 #[test]
 fn a_pods_running_time_is_its_earliest_running_containers_start() {
-    let w = workload_of(&pod("p", "uid-p", &["10.0.0.1"], None), None).unwrap();
+    let w = workload_of(&pod("p", "uid-p", &["10.0.0.1"], None), None, false).unwrap();
     assert_eq!(w.running_since, None, "no container status yet");
     let mut p = with_container(pod("p", "uid-p", &["10.0.0.1"], None), true, BOOT + 90, 0);
     let second = with_container(pod("p", "uid-p", &["10.0.0.1"], None), true, BOOT + 30, 0);
@@ -393,7 +433,7 @@ fn a_pods_running_time_is_its_earliest_running_containers_start() {
     statuses.extend(second.status.unwrap().container_statuses.unwrap());
     // A terminated container's start is not a Running time.
     statuses.extend(terminated.status.unwrap().container_statuses.unwrap());
-    let w = workload_of(&p, None).unwrap();
+    let w = workload_of(&p, None, false).unwrap();
     assert_eq!(
         w.running_since,
         Some(time::OffsetDateTime::from_unix_timestamp(BOOT + 30).unwrap())
