@@ -9,6 +9,7 @@ mod support;
 
 mod admin;
 mod churn;
+mod container_credentials;
 mod doubles_selftest;
 mod events;
 mod faults;

@@ -242,15 +242,16 @@ impl Caller {
     }
 }
 
-/// Sends one request over a fresh connection bound to `source`.
+/// Sends one request over a fresh connection bound to `source`, with `Host: 169.254.169.254` unless
+/// `headers` name another.
 pub async fn send(target: SocketAddr, source: IpAddr, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut sender = super::client::connect(target, source, Duration::from_secs(5))
         .await
         .expect("connect");
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "169.254.169.254");
+    let mut request = Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request = request.header("host", "169.254.169.254");
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
