@@ -401,13 +401,16 @@ class Kube:
         })
 
     def create_pod(self, ns: str, name: str, ip: str, service_account: str = "default",
-                   role: str | None = None) -> dict:
+                   role: str | None = None, host_network: bool = False) -> dict:
         annotations = {"iam.amazonaws.com/role": role} if role else {}
+        spec = {"nodeName": NODE, "serviceAccountName": service_account,
+                "containers": [{"name": "app", "image": "app"}]}
+        if host_network:
+            spec["hostNetwork"] = True
         return self._call("POST", f"/api/v1/namespaces/{ns}/pods", {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "annotations": annotations},
-            "spec": {"nodeName": NODE, "serviceAccountName": service_account,
-                     "containers": [{"name": "app", "image": "app"}]},
+            "spec": spec,
             # As the kubelet reports a started pod: the container's start is the pod's Running time.
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "containerStatuses": [{
                 "name": "app", "image": "app", "imageID": "", "ready": True, "restartCount": 0,
@@ -417,6 +420,19 @@ class Kube:
 
     def delete_pod(self, ns: str, name: str) -> None:
         self._call("DELETE", f"/api/v1/namespaces/{ns}/pods/{name}")
+
+    def token(self, pod: dict, audience: str, seconds: int = 3600) -> str:
+        """A token bound to `pod` (as created), minted through the TokenRequest API as the kubelet does
+        for a projected service-account token volume."""
+        meta, spec = pod["metadata"], pod["spec"]
+        answer = self._call("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/"
+                                    f"{spec.get('serviceAccountName', 'default')}/token", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": seconds,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": meta["name"],
+                                        "uid": meta["uid"]}},
+        })
+        return answer["status"]["token"]
 
     def stop(self) -> None:
         self.process.stop()
@@ -607,23 +623,35 @@ def probe_env(sts_url: str, home: Path) -> dict:
     return env
 
 
-def run_sdk(sdk: Sdk, pod: PodNet, agent: Agent, sts_url: str, home: Path, timeout: float = 60) -> Outcome:
-    """Runs `sdk` inside `pod`; the IMDS version is read from the agent's request counters around the run."""
+CONTAINER_REQUESTS = "imds_broker_container_credentials_requests_total"
+
+
+def run_sdk(sdk: Sdk, pod: PodNet, agent: Agent, sts_url: str, home: Path, timeout: float = 60,
+            env: dict | None = None) -> Outcome:
+    """Runs `sdk` inside `pod` (with `env` added); which endpoint served it, and the IMDS version, are
+    read from the agent's request counters around the run."""
     argv = list(sdk.argv)
     if "sts" in argv and "get-caller-identity" in argv:
         argv += ["--endpoint-url", sts_url]
     before = agent.metrics()
-    result = pod.exec(argv, env={**probe_env(sts_url, home), **sdk.env}, timeout=timeout)
+    result = pod.exec(argv, env={**probe_env(sts_url, home), **sdk.env, **(env or {})}, timeout=timeout)
     after = agent.metrics()
 
-    def delta(**labels):
-        return (metric_sum(after, "imds_broker_imds_requests_total", **labels)
-                - metric_sum(before, "imds_broker_imds_requests_total", **labels))
+    def delta(name="imds_broker_imds_requests_total", **labels):
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     tokens = delta(route="token", code="200")
     documents = delta(route="credentials", code="200")
     refused_v1 = delta(code="401")
-    if documents and tokens:
+    imds_requests = delta()
+    served = delta(CONTAINER_REQUESTS, code="200")
+    refused = delta(CONTAINER_REQUESTS) - served
+    if served or refused:
+        # The container-credentials endpoint answered; any IMDS request besides is shown too.
+        imds = "container 200" if served else "container refused"
+        if imds_requests:
+            imds += f" + {int(imds_requests)} IMDS requests"
+    elif documents and tokens:
         imds = "IMDSv2"
     elif documents:
         imds = "IMDSv1"
@@ -739,8 +767,18 @@ class Node:
         self.kube.create_pod(ns, name, pod.ip, service_account, role)
         return pod
 
-    def run_sdk(self, sdk: Sdk, pod: PodNet) -> Outcome:
-        return run_sdk(sdk, pod, self.agent, self.moto.url, self.home)
+    def run_sdk(self, sdk: Sdk, pod: PodNet, env: dict | None = None) -> Outcome:
+        return run_sdk(sdk, pod, self.agent, self.moto.url, self.home, env=env)
+
+
+class HostNet:
+    """The node's own network namespace, as a `hostNetwork` pod sees it: commands run unwrapped."""
+
+    ns = "host network"
+
+    def exec(self, argv: list[str], *, env: dict | None = None, timeout: float = 60,
+             check: bool = False) -> subprocess.CompletedProcess:
+        return run(argv, env=env, timeout=timeout, check=check)
 
 
 def main() -> int:
