@@ -177,3 +177,66 @@ async fn each_credential_issued_is_one_json_audit_line_without_any_secret() {
     }
     assert!(!text.contains("eyJ"), "a JWT reached the logs");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_forged_container_tokens_writes_a_bounded_number_of_lines_and_no_token() {
+    let (logs, _guard) = capture("trace");
+    let cluster = Cluster::start().await;
+    let app = pod("cc-0", "127.0.0.74").role("app");
+    cluster.sts.trust_any(&role("app"));
+    cluster.add_pod(&app);
+    let agent = cluster.agent(&["--container-credentials"]).await;
+    let token = crate::support::fixtures::token_request(
+        cluster.kube.client(),
+        app.namespace_str(),
+        app.service_account_str(),
+        ("cc-0", app.uid_str()),
+        "pods.eks.amazonaws.com",
+    )
+    .await
+    .unwrap();
+    let forged = crate::support::jwt::tamper_payload(&token, |claims| claims["exp"] = (i64::MAX / 2).into());
+    let caller = agent.from("127.0.0.74");
+    for _ in 0..300 {
+        let reply = caller
+            .get(
+                "/v1/credentials",
+                &[("host", "169.254.170.23"), ("authorization", &forged)],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    }
+    let good = caller
+        .get(
+            "/v1/credentials",
+            &[("host", "169.254.170.23"), ("authorization", &token)],
+        )
+        .await;
+    assert_eq!(good.status, StatusCode::OK);
+    let doc = good.json();
+
+    let lines = logs.lines_with(&["bad token", "signature"]).len();
+    assert!(
+        (20..=25).contains(&lines),
+        "{lines} lines for 300 forged tokens:\n{}",
+        logs.lines_with(&["container"]).join("\n")
+    );
+    assert_eq!(
+        agent
+            .metric(
+                "imds_broker_container_credentials_requests_total",
+                "code=\"403\",outcome=\"signature\""
+            )
+            .await,
+        300.0,
+        "every refusal is counted"
+    );
+    let text = logs.text();
+    for (what, value) in [
+        ("secret access key", doc["SecretAccessKey"].as_str().unwrap()),
+        ("session token", doc["Token"].as_str().unwrap()),
+    ] {
+        assert!(!text.contains(value), "{what} in the logs");
+    }
+    assert!(!text.contains("eyJ"), "a presented token reached the logs");
+}
