@@ -89,12 +89,12 @@ def with_js_chain(versions: dict) -> dict:
     return {**versions, "JS v3 default chain": f"@aws-sdk/client-sts {js}"}
 
 
-def env_with(token_file: str) -> dict:
-    return {"AWS_CONTAINER_CREDENTIALS_FULL_URI": FULL_URI, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file}
+def env_with(token_file: str, uri: str = FULL_URI) -> dict:
+    return {"AWS_CONTAINER_CREDENTIALS_FULL_URI": uri, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file}
 
 
-def check(node, versions, scenario: str, sdk, where, token_file: str, role: str | None):
-    outcome = node.run_sdk(sdk, where, env=env_with(token_file))
+def check(node, versions, scenario: str, sdk, where, token_file: str, role: str | None, uri: str = FULL_URI):
+    outcome = node.run_sdk(sdk, where, env=env_with(token_file, uri))
     if role is None:
         passed = not outcome.ok and outcome.imds == "container refused" and outcome.arn is None
         expected = "refused by the container endpoint, no credentials"
@@ -113,6 +113,15 @@ def test_the_capture_also_sends_169_254_170_23_to_the_agent(node, cc):
     assert local and local[0][-2:] == ["--to-destination", f"{node.net.node_ip}:{node.agent.port}"], local
     addresses = harness.run(["ip", "-o", "-4", "addr", "show", "dev", "lo"]).stdout
     assert "169.254.170.23/32" in addresses, addresses
+
+
+def test_with_an_ipv6_node_ip_fd00_ec2_23_is_captured_too(node, cc):
+    chain = harness.nat_listing("IMDS-BROKER", tool="ip6tables")
+    assert any("fd00:ec2::23/128" in rule for rule in chain), chain
+    local = harness.nat_listing("IMDS-BROKER-LOCAL", tool="ip6tables")
+    assert local and local[0][-2:] == ["--to-destination", f"[{node.net.node_ip6}]:{node.agent.port}"], local
+    addresses = harness.run(["ip", "-o", "-6", "addr", "show", "dev", "lo"]).stdout
+    assert "fd00:ec2::23/128" in addresses, addresses
 
 
 @pytest.mark.parametrize("sdk", SDKS, ids=[s.name for s in SDKS])
