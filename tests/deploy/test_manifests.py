@@ -10,6 +10,7 @@ API's, but defaulting, admission and CRD installation are not run), nor that the
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -18,13 +19,18 @@ import pytest
 import yaml
 
 import checks
-from render import DEPLOY, ROOT, cargo_version, help_text, helps, render_composed, render_dir
+from render import DEPLOY, ROOT, cargo_version, help_text, helps, render, render_composed, render_dir
 
 OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.is_dir())
 COMPONENTS = sorted(p.name for p in (DEPLOY / "components").iterdir() if (p / "kustomization.yaml").exists())
 CNI = {"cni-aws-vpc": "eni+", "cni-calico": "cali+", "cni-cilium": "lxc+", "cni-flannel": "veth+"}
 # The oldest Kubernetes with ValidatingAdmissionPolicy v1 (GA), and the newest the validator bundles.
 KUBERNETES_VERSIONS = ["1.30", kubernetes_validate.latest_version()]
+# Kinds some components add that need a newer Kubernetes than the oldest above: the component, the
+# first version with them, and the kinds.
+NEWER_KINDS = {
+    "pod-identity-injection": ("1.34", {"MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding"}),
+}
 # The uninstall pod idles in the kubelet's usual sandbox image.
 PAUSE = frozenset({"registry.k8s.io/pause:3.10"})
 AGENT_SA = "imds-broker"
@@ -32,7 +38,8 @@ AGENT_SA = "imds-broker"
 
 def test_the_platforms_and_components_are_there():
     assert OVERLAYS == ["ec2", "eks", "on-prem"]
-    for name in [*CNI, "monitoring", "spire", "startup-taint", "token-key"]:
+    for name in [*CNI, "monitoring", "spire", "startup-taint", "token-key", "container-credentials",
+                 "pod-identity-injection", "pod-identity-workload"]:
         assert name in COMPONENTS, f"deploy/components/{name} is missing"
     for name in COMPONENTS:
         kind = yaml.safe_load((DEPLOY / "components" / name / "kustomization.yaml").read_text())["kind"]
@@ -62,7 +69,27 @@ def rendered(request):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_rendering_is_valid_against_the_kubernetes_schemas(rendered, version):
     target, docs = rendered
+    component = target.partition("+")[2]
+    if component in NEWER_KINDS and minor(version) < minor(NEWER_KINDS[component][0]):
+        # Older API servers do not know these kinds: the schemas say so, and the rest is checked.
+        kinds = NEWER_KINDS[component][1]
+        newer = [d for d in docs if d["kind"] in kinds]
+        assert {d["kind"] for d in newer} == kinds, target
+        problems = checks.schema_problems(newer, version)
+        assert len(problems) == len(newer) and all(": no schema: " in p for p in problems), problems
+        docs = [d for d in docs if d["kind"] not in kinds]
     assert checks.schema_problems(docs, version) == [], target
+
+
+def minor(version: str) -> tuple[int, int]:
+    major, minor_, *_ = version.split(".")
+    return int(major), int(minor_)
+
+
+@pytest.mark.parametrize("component", sorted(NEWER_KINDS))
+def test_components_of_newer_kinds_are_valid_from_their_first_version(component):
+    docs = list(render_composed(("overlays/eks",), (f"components/{component}",)))
+    assert checks.schema_problems(docs, NEWER_KINDS[component][0]) == []
 
 
 def test_every_flag_and_environment_variable_exists_in_the_binarys_help(rendered):
@@ -305,6 +332,97 @@ def test_without_the_monitoring_component_the_capture_container_opens_no_port():
     for overlay in OVERLAYS:
         capture = next(c for c in checks.pod_spec(daemonset(list(render_dir(f"overlays/{overlay}"))))["containers"] if c["name"] == "capture")
         assert not capture.get("ports") and "IMDS_BROKER_CAPTURE_METRICS_LISTEN" not in {v["name"] for v in capture["env"]}
+
+
+def test_the_container_credentials_component_turns_the_endpoint_on_in_both_containers_and_nothing_else():
+    plain = daemonset(list(render_dir("overlays/eks")))
+    docs = list(render_composed(("overlays/eks",), ("components/container-credentials",)))
+    ds = daemonset(docs)
+    server, capture = server_and_capture([ds])
+    for c in (server, capture):
+        names = [e["name"] for e in c["env"]]
+        assert names.count("IMDS_BROKER_CONTAINER_CREDENTIALS") == 1, c["name"]
+        assert env_of(c)["IMDS_BROKER_CONTAINER_CREDENTIALS"] == "true", c["name"]
+        assert "IMDS_BROKER_CONTAINER_CREDENTIALS_AUDIENCE" not in env_of(c), "the default audience is EKS's"
+    # Take the variable out again and the DaemonSet is the overlay's.
+    for c in checks.pod_spec(ds)["containers"]:
+        c["env"] = [e for e in c["env"] if e["name"] != "IMDS_BROKER_CONTAINER_CREDENTIALS"]
+    assert ds == plain
+    assert [d for d in docs if d["kind"] != "DaemonSet"] == [d for d in render_dir("overlays/eks") if d["kind"] != "DaemonSet"]
+
+
+def test_the_container_credentials_flag_reaches_both_commands_help():
+    # The server answers the endpoint; `iptables reconcile` captures 169.254.170.23 with it.
+    assert "IMDS_BROKER_CONTAINER_CREDENTIALS" in helps()[()].env
+    assert "IMDS_BROKER_CONTAINER_CREDENTIALS" in helps()[("iptables", "reconcile")].env
+
+
+def test_the_pod_identity_injection_component_ships_the_policy_file_unchanged():
+    docs = list(render_composed(("overlays/eks",), ("components/pod-identity-injection",)))
+    shipped = [d for d in yaml.safe_load_all((DEPLOY / "components/pod-identity-injection/pod-identity-injection.yaml").read_text()) if d]
+    added = [d for d in docs if d["kind"].startswith("MutatingAdmissionPolicy")]
+    assert added == shipped
+    assert [d for d in docs if d not in added] == list(render_dir("overlays/eks"))
+    # Cluster-scoped, as the API defines them: no namespace from anywhere.
+    assert all("namespace" not in d["metadata"] for d in added)
+
+
+APP = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: apps
+  labels: {labels}
+spec:
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+        - name: app
+          image: registry.example.com/{name}:1
+          env: [{{name: LOG, value: debug}}]
+      volumes: [{{name: data, emptyDir: {{}}}}]
+"""
+
+
+def render_app(tmp_path, component: str) -> dict[str, dict]:
+    """A user's kustomization: two Deployments (one labelled) and the component; by name."""
+    (tmp_path / "apps.yaml").write_text(
+        APP.format(name="billing", labels='{imds-broker.io/container-credentials: "true"}') + "---\n"
+        + APP.format(name="reports", labels="{team: finance}")
+    )
+    rel = os.path.relpath(DEPLOY / "components" / component, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["apps.yaml"],
+         "components": [rel]}))
+    return {d["metadata"]["name"]: d for d in render(tmp_path)}
+
+
+def test_the_pod_identity_workload_component_patches_the_labelled_workload_only(tmp_path):
+    apps = render_app(tmp_path, "pod-identity-workload")
+    for version in KUBERNETES_VERSIONS:
+        assert checks.schema_problems(list(apps.values()), version) == []
+    spec = checks.pod_spec(apps["billing"])
+    (app,) = spec["containers"]
+    mount = "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount"
+    assert env_of(app) == {
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.23/v1/credentials",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": f"{mount}/eks-pod-identity-token",
+        "LOG": "debug",
+    }
+    assert app["volumeMounts"] == [{"name": "eks-pod-identity-token", "mountPath": mount, "readOnly": True}]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set(volumes) == {"data", "eks-pod-identity-token"}
+    assert volumes["eks-pod-identity-token"]["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": "pods.eks.amazonaws.com", "expirationSeconds": 86400, "path": "eks-pod-identity-token"}}]
+    untouched = checks.pod_spec(apps["reports"])
+    assert untouched["containers"][0]["env"] == [{"name": "LOG", "value": "debug"}]
+    assert "volumeMounts" not in untouched["containers"][0]
+    assert [v["name"] for v in untouched["volumes"]] == ["data"]
 
 
 # --- uninstall ---------------------------------------------------------------------------------------

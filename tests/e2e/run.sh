@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end suite: pods as network namespaces, the agent with --iptables, the kube API double, moto as
-# STS, and real SDKs (boto3, botocore 1.13.22, AWS CLI v1 old and new, JS v3, Rust) inside the pods.
+# STS, and real SDKs (boto3, botocore 1.13.22, AWS CLI v1 old and new, JS v3 and v2, Go v1 and v2, Rust)
+# inside the pods.
 # Needs root. Expects the binaries to be built already (CI builds once):
 #   cargo build --bins --examples
 # Override them with IMDS_BROKER_BIN, DOUBLES_BIN, RUST_PROBE_BIN. Extra arguments go to pytest.

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end suite and the demo need, idempotently: Debian packages (only when a tool
-# is missing), Python virtual environments under target/, and the JavaScript SDK under tests/e2e/js.
+# is missing), Python virtual environments and the Go probes under target/, and the JavaScript SDKs under
+# tests/e2e/js.
 #
 #   target/e2e-venv         pytest, moto[server] (the STS double), boto3/botocore current
 #   target/e2e-venv-cli     AWS CLI v1, current
 #   target/e2e-venv-legacy  awscli 1.16.286 + botocore 1.13.22: the last releases before IMDSv2 (v1 only)
+#   target/go-v1-probe      AWS SDK for Go v1 1.44.133 (Debian's golang-github-aws-aws-sdk-go-dev)
+#   target/go-v2-probe      AWS SDK for Go v2 1.17.1 (Debian's golang-github-aws-aws-sdk-go-v2-dev)
+# The two Go probes (tests/e2e/go) are built offline from Debian's packaged sources (GOPATH mode), for
+# test_container_old_sdks.py: releases whose container provider accepts loopback hosts only.
 #
 # Usage: tests/e2e/setup.sh [--no-js]     (root is needed only if a Debian package is missing)
 set -euo pipefail
@@ -22,6 +27,10 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v conntrack >/dev/null || missing+=(conntrack)
 command -v "$PYTHON" >/dev/null || missing+=(python3)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+GOCODE=/usr/share/gocode/src/github.com/aws
+command -v go >/dev/null || missing+=(golang-go)
+[[ -f $GOCODE/aws-sdk-go/aws/version.go ]] || missing+=(golang-github-aws-aws-sdk-go-dev)
+[[ -f $GOCODE/aws-sdk-go-v2/config/config.go ]] || missing+=(golang-github-aws-aws-sdk-go-v2-dev)
 if [[ $WITH_JS == 1 ]]; then
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
@@ -71,9 +80,18 @@ fi
 "$ROOT/target/e2e-venv-legacy/bin/python" -W ignore -c 'import botocore.session' \
   || { log "botocore 1.13.22 does not import"; exit 1; }
 
+for v in v1 v2; do
+  src="$ROOT/tests/e2e/go/$v/main.go" bin="$ROOT/target/go-$v-probe"
+  if [[ ! -x "$bin" || "$src" -nt "$bin" ]]; then
+    log "building $bin"
+    GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$ROOT/target/go-cache" GOFLAGS= \
+      go build -o "$bin" "$src"
+  fi
+done
+
 if [[ $WITH_JS == 1 ]]; then
   js="$ROOT/tests/e2e/js"
-  if [[ ! -d "$js/node_modules/@aws-sdk/credential-providers" || "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]]; then
+  if [[ ! -d "$js/node_modules/@aws-sdk/credential-providers" || ! -d "$js/node_modules/aws-sdk" || "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]]; then
     log "npm ci in $js"
     (cd "$js" && npm ci --no-audit --no-fund --loglevel=error)
   fi
