@@ -348,7 +348,13 @@ def test_the_container_credentials_component_turns_the_endpoint_on_in_both_conta
     for c in checks.pod_spec(ds)["containers"]:
         c["env"] = [e for e in c["env"] if e["name"] != "IMDS_BROKER_CONTAINER_CREDENTIALS"]
     assert ds == plain
-    assert [d for d in docs if d["kind"] != "DaemonSet"] == [d for d in render_dir("overlays/eks") if d["kind"] != "DaemonSet"]
+    added = [d for d in docs if d["kind"] != "DaemonSet" and d not in list(render_dir("overlays/eks"))]
+    # Besides: the binding that lets the agent read the issuer and keys it verifies tokens against.
+    assert [(d["kind"], d["roleRef"]["name"], d["subjects"]) for d in added] == [
+        ("ClusterRoleBinding", "system:service-account-issuer-discovery",
+         [{"kind": "ServiceAccount", "name": "imds-broker", "namespace": "imds-broker"}])]
+    assert [d for d in docs if d["kind"] != "DaemonSet" and d not in added] == \
+        [d for d in render_dir("overlays/eks") if d["kind"] != "DaemonSet"]
 
 
 def test_the_container_credentials_flag_reaches_both_commands_help():

@@ -108,18 +108,12 @@ def sdk_versions_of_old_sdks(versions: dict) -> dict[str, str]:
     }
 
 
-def agent_flags() -> list[str]:
-    """--container-credentials when the binary has it: the endpoint is then served and captured, and
-    these SDKs must still never reach it."""
-    help_text = harness.run([str(harness.IMDS_BROKER_BIN), "--help"]).stdout
-    return ["--container-credentials"] if "--container-credentials" in help_text else []
-
-
 @pytest.fixture(scope="module")
 def old(node, versions):
     for binary in (GO_V1, GO_V2):
         assert binary.exists(), f"{binary} is missing: tests/e2e/setup.sh builds it"
-    node.agent.restart(agent_flags())
+    # The endpoint is served and captured: these SDKs must still never reach it.
+    node.agent.restart(["--container-credentials"])
     node.kube.create_service_account(NS, "default")
     node.kube.create_service_account(NS, "old-sdks", BASE_ROLE_ARN + ROLE)
     pod = node.add_pod(N, "app-old-sdks", NS, service_account="old-sdks")
