@@ -74,6 +74,24 @@ fn the_readme_documents_every_flag_and_its_environment_variable() {
     }
 }
 
+#[tokio::test]
+async fn the_readme_documents_every_metric_the_agent_serves() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let cluster = Cluster::start().await;
+    // Every optional part on, so that its series are served too.
+    let agent = cluster.agent(&["--container-credentials"]).await;
+    let metrics = agent.metrics().await;
+    let names: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(names.len() > 20, "{names:?}");
+    for name in names {
+        assert!(readme.contains(&format!("`{name}`")), "README does not document {name}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_startup_taint_comes_off_the_agents_own_node_once_it_is_ready_and_nothing_else_does() {
     let cluster = Cluster::start().await;
