@@ -20,7 +20,15 @@ struct Agent {
 
 impl Agent {
     fn spawn(cluster: &Cluster, as_nobody: bool) -> Self {
-        let kubeconfig = std::env::temp_dir().join(format!("imds-broker-process-{}.yaml", std::process::id()));
+        Self::spawn_with(cluster, as_nobody, &[])
+    }
+
+    fn spawn_with(cluster: &Cluster, as_nobody: bool, extra: &[&str]) -> Self {
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "imds-broker-process-{}-{}.yaml",
+            std::process::id(),
+            extra.len()
+        ));
         std::fs::write(&kubeconfig, cluster.kube.kubeconfig_yaml()).unwrap();
         let binary = env!("CARGO_BIN_EXE_imds-broker");
         let mut command = if as_nobody {
@@ -40,6 +48,7 @@ impl Agent {
             .args(["--node-name", "node-1", "--region", "us-east-1", "--sts-endpoint"])
             .arg(cluster.sts.url())
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .stdin(Stdio::null())
@@ -47,6 +56,17 @@ impl Agent {
             .stderr(Stdio::null());
         let child = command.spawn().expect("start the agent binary");
         Self { child, kubeconfig }
+    }
+
+    /// The names of the process's threads.
+    fn threads(&self) -> Vec<String> {
+        std::fs::read_dir(self.proc("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .collect()
     }
 
     fn proc(&self, file: &str) -> PathBuf {
@@ -139,4 +159,27 @@ fn version_names_the_release_and_the_git_revision() {
             "outside git the revision is IMDS_BROKER_REVISION or `unknown`: {revision:?}"
         ),
     }
+}
+
+#[tokio::test]
+async fn the_heap_is_trimmed_by_its_own_thread_unless_turned_off() {
+    let cluster = Cluster::start().await;
+    let trimming = Agent::spawn(&cluster, false);
+    let started = poll(Duration::from_secs(10), Duration::from_millis(20), || async {
+        trimming.is_the_agent() && trimming.threads().iter().any(|t| t.starts_with("tokio-rt"))
+    })
+    .await;
+    assert!(started, "the agent's runtime did not start: {:?}", trimming.threads());
+    assert!(
+        trimming.threads().iter().any(|t| t == "heap-trim"),
+        "{:?}",
+        trimming.threads()
+    );
+    let off = Agent::spawn_with(&cluster, false, &["--heap-trim-interval", "0"]);
+    let started = poll(Duration::from_secs(10), Duration::from_millis(20), || async {
+        off.is_the_agent() && off.threads().iter().any(|t| t.starts_with("tokio-rt"))
+    })
+    .await;
+    assert!(started, "{:?}", off.threads());
+    assert!(!off.threads().iter().any(|t| t == "heap-trim"), "{:?}", off.threads());
 }

@@ -325,6 +325,11 @@ pub struct Args {
     #[arg(long, env = "IMDS_BROKER_STARTUP_TAINT")]
     pub startup_taint: Option<String>,
 
+    /// How often freed heap memory is handed back to the kernel (glibc's malloc_trim), with the
+    /// allocator limited to two arenas; 0 turns both off. Keeps an idle agent's RSS at its live data.
+    #[arg(long, env = "IMDS_BROKER_HEAP_TRIM_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heap_trim_interval: Duration,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "IMDS_BROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
