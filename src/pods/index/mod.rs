@@ -22,9 +22,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use crate::roles::{POD_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION};
+use super::watch::ServiceAccount;
+use crate::roles::POD_ANNOTATION;
 use crate::watch::Unreadable;
 use crate::workload::Workload;
 
@@ -75,8 +76,9 @@ pub struct Index {
     held: HashMap<String, Vec<IpAddr>>,
     /// Address → UIDs of served and held pods claiming it.
     by_ip: HashMap<IpAddr, Vec<String>>,
-    /// (namespace, name) → value of the IRSA annotation.
-    service_accounts: HashMap<(String, String), Option<String>>,
+    /// (namespace, name) → value of the IRSA annotation, for the service accounts that have one (one
+    /// without it resolves like one that does not exist: only annotated ones cost memory).
+    service_accounts: HashMap<(String, String), String>,
     /// (namespace, name) of service accounts that exist but could not be decoded.
     unreadable_accounts: HashSet<(String, String)>,
     /// The node's boot time in Unix seconds, when known.
@@ -334,16 +336,15 @@ impl Index {
     }
     /// Records a service account's role annotation; returns the workloads whose role source changed.
     pub fn apply_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
-        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-        let name = sa.metadata.name.as_deref().unwrap_or_default();
-        let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
-        self.set_service_account(namespace, name, Account::Annotated(role))
+        let namespace = sa.namespace.as_deref().unwrap_or_default();
+        let name = sa.name.as_deref().unwrap_or_default();
+        self.set_service_account(namespace, name, Account::Annotated(sa.annotation.clone()))
     }
 
     /// Forgets a deleted service account.
     pub fn delete_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
-        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-        let name = sa.metadata.name.as_deref().unwrap_or_default();
+        let namespace = sa.namespace.as_deref().unwrap_or_default();
+        let name = sa.name.as_deref().unwrap_or_default();
         self.set_service_account(namespace, name, Account::Absent)
     }
 
@@ -359,7 +360,8 @@ impl Index {
     }
 
     /// Replaces every service account with a fresh list: those that could be read and those that
-    /// could not.
+    /// could not. One missing from the list is deleted or has no annotation (lists keep only the
+    /// annotated ones): either way it names no role.
     pub fn replace_service_accounts<'a>(
         &mut self,
         accounts: impl IntoIterator<Item = &'a ServiceAccount>,
@@ -367,10 +369,9 @@ impl Index {
     ) -> Vec<Change> {
         let mut fresh: HashMap<(String, String), Account> = HashMap::new();
         for sa in accounts {
-            let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-            let name = sa.metadata.name.as_deref().unwrap_or_default();
-            let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
-            fresh.insert(sa_key(namespace, name), Account::Annotated(role));
+            let namespace = sa.namespace.as_deref().unwrap_or_default();
+            let name = sa.name.as_deref().unwrap_or_default();
+            fresh.insert(sa_key(namespace, name), Account::Annotated(sa.annotation.clone()));
         }
         for sa in unreadable {
             if let Some(name) = sa.name.as_deref() {
@@ -401,7 +402,10 @@ impl Index {
         let role = match account {
             Account::Annotated(role) => {
                 self.unreadable_accounts.remove(&key);
-                self.service_accounts.insert(key, role.clone());
+                match &role {
+                    Some(role) => self.service_accounts.insert(key, role.clone()),
+                    None => self.service_accounts.remove(&key),
+                };
                 role
             }
             Account::Unreadable => {
@@ -439,7 +443,7 @@ impl Index {
             .unwrap_or("default");
         let key = sa_key(namespace, name);
         (
-            self.service_accounts.get(&key).cloned().flatten(),
+            self.service_accounts.get(&key).cloned(),
             self.unreadable_accounts.contains(&key),
         )
     }
