@@ -564,6 +564,33 @@ impl Metrics {
     }
 }
 
+/// Bytes read from a list response at a time.
+const LIST_READ: usize = 64 * 1024;
+/// Chunks of a list response in flight between the connection and the decoder.
+const LIST_CHUNKS: usize = 4;
+
+/// A list response's body as the blocking decoder reads it: the chunks the connection received.
+struct Body {
+    received: mpsc::Receiver<Vec<u8>>,
+    chunk: std::io::Cursor<Vec<u8>>,
+}
+
+impl std::io::Read for Body {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.chunk.read(out)?;
+            if n > 0 || out.is_empty() {
+                return Ok(n);
+            }
+            match self.received.blocking_recv() {
+                Some(next) => self.chunk = std::io::Cursor::new(next),
+                // The end of the body (or a failed read, which the connection side reports).
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
 /// Lines logged about unreadable objects per resource and minute.
 pub const UNREADABLE_LOGS: u32 = 10;
 
@@ -831,28 +858,63 @@ impl<K: Object> Watch<K> {
         }
     }
 
-    /// One list response, read whole (a cached list is one response however long; the buffer is freed
-    /// before the objects are used) and decoded keeping only what matters.
+    /// One list response, decoded as it arrives, keeping only what matters. A cached list is one
+    /// response however long (tens of MiB for a large cluster): read whole, its buffer would set the
+    /// agent's memory by the cluster's size (the allocator keeps what a large buffer once took), so the
+    /// body goes chunk by chunk through a small bounded channel to a decoder on the blocking pool, and
+    /// a list costs a few chunks of memory whatever its length.
     async fn fetch(&self, request: http::Request<Vec<u8>>) -> Result<Page<K>, ListError> {
-        let body = async {
-            let reader = self.client.request_stream(request).await?;
-            let mut reader = std::pin::pin!(reader);
-            let mut body = Vec::new();
-            reader.read_to_end(&mut body).await.map_err(kube::Error::ReadEvents)?;
-            Ok::<_, kube::Error>(body)
-        };
-        let body = body.await.map_err(|error| ListError {
+        let failed = |error: kube::Error| ListError {
             gone: matches!(&error, kube::Error::Api(status) if status.code == 410),
             message: error.to_string(),
-        })?;
+        };
+        let reader = self.client.request_stream(request).await.map_err(failed)?;
+        let mut reader = std::pin::pin!(reader);
+        let (chunks, received) = mpsc::channel::<Vec<u8>>(LIST_CHUNKS);
+        let decoder = tokio::task::spawn_blocking(move || {
+            let body = std::io::BufReader::with_capacity(
+                LIST_READ,
+                Body {
+                    received,
+                    chunk: std::io::Cursor::default(),
+                },
+            );
+            serde_json::from_reader::<_, Page<K>>(body)
+        });
+        let mut bytes = 0u64;
+        let read = loop {
+            let mut chunk = vec![0; LIST_READ];
+            match reader.read(&mut chunk).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    bytes += n as u64;
+                    chunk.truncate(n);
+                    // The decoder stopped (malformed JSON): its error says why.
+                    if chunks.send(chunk).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        drop(chunks);
         self.metrics
             .list_bytes
             .with_label_values(&[self.resource])
-            .inc_by(body.len() as u64);
-        serde_json::from_slice(&body).map_err(|e| ListError {
-            message: format!("cannot decode the list: {e}"),
-            gone: false,
-        })
+            .inc_by(bytes);
+        let decoded = decoder.await;
+        read.map_err(|e| failed(kube::Error::ReadEvents(e)))?;
+        match decoded {
+            Ok(Ok(page)) => Ok(page),
+            Ok(Err(error)) => Err(ListError {
+                message: format!("cannot decode the list: {error}"),
+                gone: false,
+            }),
+            Err(error) => Err(ListError {
+                message: format!("the list decoder failed: {error}"),
+                gone: false,
+            }),
+        }
     }
 
     fn log_unreadable(&self, object: &Unreadable, during: &str) {
@@ -1195,5 +1257,28 @@ mod tests {
             }
             assert_eq!(relist_delay(cause, 7.0), RELIST_SPREAD, "clamped");
         }
+    }
+
+    #[test]
+    fn a_list_body_is_decoded_from_its_chunks_as_they_come() {
+        let text = br#"{"metadata":{"resourceVersion":"5"},"items":[{"metadata":{"name":"a","uid":"1","annotations":{"example.com/role":"arn"}}}]}"#;
+        let body = || {
+            let (chunks, received) = mpsc::channel(text.len());
+            for piece in text.chunks(3) {
+                chunks
+                    .try_send(piece.to_vec())
+                    .unwrap_or_else(|_| panic!("room for every chunk"));
+            }
+            Body {
+                received,
+                chunk: std::io::Cursor::default(),
+            }
+        };
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut body(), &mut read).unwrap();
+        assert_eq!(read, text, "every chunk, in order, then the end");
+        let page: Page<Metadata<Role>> = serde_json::from_reader(std::io::BufReader::new(body())).unwrap();
+        assert_eq!((page.received, page.items.len()), (1, 1));
+        assert_eq!(page.metadata.resource_version.as_deref(), Some("5"));
     }
 }

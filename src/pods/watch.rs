@@ -190,7 +190,7 @@ impl Watcher {
                 Vec::new()
             }
             Update::Listed { items, unreadable } => {
-                let changes = store.write(|i| i.replace_service_accounts(&items, &unreadable));
+                let changes = store.write(|i| i.replace_service_accounts(items, &unreadable));
                 store.set_view(|v| v.service_accounts = true);
                 changes
             }

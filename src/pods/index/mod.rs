@@ -361,39 +361,45 @@ impl Index {
 
     /// Replaces every service account with a fresh list: those that could be read and those that
     /// could not. One missing from the list is deleted or has no annotation (lists keep only the
-    /// annotated ones): either way it names no role.
-    pub fn replace_service_accounts<'a>(
+    /// annotated ones): either way it names no role. The listed accounts' strings move into the map,
+    /// so a large cluster's list costs what is kept and nothing beside it; only the pods' roles are
+    /// compared.
+    pub fn replace_service_accounts(
         &mut self,
-        accounts: impl IntoIterator<Item = &'a ServiceAccount>,
+        accounts: impl IntoIterator<Item = ServiceAccount>,
         unreadable: &[Unreadable],
     ) -> Vec<Change> {
-        let mut fresh: HashMap<(String, String), Account> = HashMap::new();
+        let mut annotated = HashMap::new();
         for sa in accounts {
-            let namespace = sa.namespace.as_deref().unwrap_or_default();
-            let name = sa.name.as_deref().unwrap_or_default();
-            fresh.insert(sa_key(namespace, name), Account::Annotated(sa.annotation.clone()));
-        }
-        for sa in unreadable {
-            if let Some(name) = sa.name.as_deref() {
-                let namespace = sa.namespace.as_deref().unwrap_or_default();
-                fresh.insert(sa_key(namespace, name), Account::Unreadable);
+            if let (Some(name), Some(role)) = (sa.name, sa.annotation) {
+                annotated.insert((sa.namespace.unwrap_or_default(), name), role);
             }
         }
-        let stale: Vec<(String, String)> = self
-            .service_accounts
-            .keys()
-            .chain(self.unreadable_accounts.iter())
-            .filter(|k| !fresh.contains_key(*k))
-            .cloned()
-            .collect();
-        let mut changes = Vec::new();
-        for (ns, name) in stale {
-            changes.extend(self.set_service_account(&ns, &name, Account::Absent));
+        let mut unreadable_accounts = HashSet::new();
+        for sa in unreadable {
+            if let Some(name) = sa.name.as_deref() {
+                let key = sa_key(sa.namespace.as_deref().unwrap_or_default(), name);
+                annotated.remove(&key);
+                unreadable_accounts.insert(key);
+            }
         }
-        for ((ns, name), account) in fresh {
-            changes.extend(self.set_service_account(&ns, &name, account));
-        }
-        changes
+        self.service_accounts = annotated;
+        self.unreadable_accounts = unreadable_accounts;
+        let (accounts, unreadable) = (&self.service_accounts, &self.unreadable_accounts);
+        self.pods
+            .values_mut()
+            .filter_map(|w| {
+                let key = sa_key(&w.namespace, &w.service_account);
+                let role = accounts.get(&key).cloned();
+                let unreadable = unreadable.contains(&key);
+                (w.service_account_role != role || w.service_account_unreadable != unreadable).then(|| {
+                    let w = Arc::make_mut(w);
+                    w.service_account_role = role;
+                    w.service_account_unreadable = unreadable;
+                    Change::Upserted(w.clone())
+                })
+            })
+            .collect()
     }
 
     fn set_service_account(&mut self, namespace: &str, name: &str, account: Account) -> Vec<Change> {

@@ -359,7 +359,7 @@ fn an_unreadable_service_account_marks_its_pods_until_it_is_read_or_deleted() {
         (false, None),
         "deleted: the pod has no account role at all"
     );
-    index.replace_service_accounts([&account(Some("arn:aws:iam::111111111111:role/y"))], &[]);
+    index.replace_service_accounts([account(Some("arn:aws:iam::111111111111:role/y"))], &[]);
     assert_eq!(marked(&index), (false, Some("arn:aws:iam::111111111111:role/y".into())));
 }
 
@@ -387,8 +387,8 @@ fn only_service_accounts_that_name_a_role_are_kept() {
     let role = "arn:aws:iam::111111111111:role/x";
     index.replace_service_accounts(
         [
-            &ServiceAccount::new(Some("ns"), "plain", None),
-            &ServiceAccount::new(Some("ns"), "sa", Some(role)),
+            ServiceAccount::new(Some("ns"), "plain", None),
+            ServiceAccount::new(Some("ns"), "sa", Some(role)),
         ],
         &[],
     );
