@@ -1,5 +1,6 @@
 //! The imds-broker benchmark (issue #5): serving speed against a same-machine ceiling, memory by pod
-//! count, time to a pod's first credential, upstream load in steady state, and a burst of pods.
+//! count, memory and API-server cost by the size of the rest of the cluster (issue #13), time to a
+//! pod's first credential, upstream load in steady state, and a burst of pods.
 //!
 //! `cargo bench --bench imds` (via `bench/run.sh`) runs everything at full size in the release profile
 //! and rewrites `bench/RESULTS.md`. `cargo test --bench imds -- --smoke` (via `bench/smoke.sh`) runs the
@@ -66,6 +67,7 @@ fn main() -> ExitCode {
         eprintln!("imds-broker bench ({}):", if smoke { "smoke" } else { "full" });
         let serving = scenarios::serving(&sizes).await;
         let memory = scenarios::memory(&sizes).await;
+        let cluster = scenarios::cluster(&sizes).await;
         let first = scenarios::first_credential(&sizes).await;
         let upstream = scenarios::upstream(&sizes).await;
         let bursts = scenarios::burst(&sizes).await;
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
             smoke,
             serving,
             memory,
+            cluster,
             first,
             upstream,
             bursts,

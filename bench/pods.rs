@@ -117,3 +117,58 @@ pub fn service_account(namespace: &str, name: &str) -> Value {
         },
     })
 }
+
+/// What the API server adds to every object it stores through server-side or client-side apply: one
+/// `managedFields` entry, about as long as a real one for a small object.
+fn managed_fields(manager: &str) -> Value {
+    json!([{
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": "v1",
+        "time": "2026-01-01T00:00:00Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": { "f:metadata": { "f:labels": { ".": {}, "f:app.kubernetes.io/name": {}, "f:app.kubernetes.io/part-of": {} } } },
+    }])
+}
+
+/// Service account `i` of the rest of the cluster (none of this node's pods uses it), in one of 500
+/// namespaces, shaped like a real one (labels, a managedFields entry); with its IRSA annotation when
+/// `annotated`.
+pub fn elsewhere_service_account(i: usize, annotated: bool) -> Value {
+    let namespace = format!("team-{}", i % 500);
+    let name = format!("app-{i}");
+    let mut annotations = json!({});
+    if annotated {
+        annotations[crate::support::kube::SA_ROLE_ANNOTATION] =
+            json!(format!("{}{}", crate::agent::BASE_ARN, sa_role_name(&namespace, &name)));
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": { "app.kubernetes.io/name": name, "app.kubernetes.io/part-of": namespace },
+            "annotations": annotations,
+            "managedFields": managed_fields("kubectl-client-side-apply"),
+        },
+    })
+}
+
+/// Namespace `i` of the rest of the cluster, shaped like a real one (the name label, the finalizer,
+/// a managedFields entry), without the IMDSv2 annotation.
+pub fn elsewhere_namespace(i: usize) -> Value {
+    let name = format!("elsewhere-{i}");
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "namespace": "",
+            "labels": { "kubernetes.io/metadata.name": name, "app.kubernetes.io/part-of": "platform" },
+            "managedFields": managed_fields("kube-apiserver"),
+        },
+        "spec": { "finalizers": ["kubernetes"] },
+        "status": { "phase": "Active" },
+    })
+}

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::load::{self, Mode};
-use crate::scenarios::{Burst, First, FirstCase, MemoryRow, STS_LATENCY, Serving, Sizes, Upstream, mib};
+use crate::scenarios::{
+    Burst, ClusterRow, First, FirstCase, MemoryRow, STS_LATENCY, Serving, Sizes, Upstream, WATCHED, mib,
+};
 
 /// Everything one run measured.
 pub struct Results {
@@ -16,11 +18,23 @@ pub struct Results {
     pub smoke: bool,
     pub serving: Serving,
     pub memory: Vec<MemoryRow>,
+    pub cluster: Vec<ClusterRow>,
     pub first: First,
     pub upstream: Upstream,
     pub bursts: Vec<Burst>,
     pub elapsed: Duration,
 }
+
+/// The most a node's RSS may grow with the rest of the cluster: with the largest service-account row
+/// against the row with none.
+const CLUSTER_RSS_RATIO: f64 = 1.2;
+
+/// The mean timeout a real API server gives a watch that asks for none: uniform between
+/// `--min-request-timeout` (1800 s by default) and twice that.
+const WATCH_RENEWAL: Duration = Duration::from_secs(2700);
+
+/// How often a real API server sends each watch a bookmark (its watch cache's bookmark frequency).
+const BOOKMARK_EVERY: Duration = Duration::from_secs(60);
 
 /// Connection counts the speed targets apply to.
 const TARGET_CONNECTIONS: [usize; 3] = [1, 16, 64];
@@ -135,6 +149,7 @@ impl Results {
         self.targets(&mut out);
         self.serving_table(&mut out);
         self.memory_table(&mut out);
+        self.cluster_table(&mut out);
         self.first_table(&mut out);
         self.upstream_table(&mut out);
         self.burst_table(&mut out);
@@ -168,6 +183,34 @@ impl Results {
                 mib(row.idle.rss),
                 mib(row.loaded_rss),
                 yes(worst <= 15 * 1024 * 1024)
+            );
+        }
+        if let Some((base, largest)) = self.cluster_pair() {
+            let ratio = largest.idle.rss as f64 / base.idle.rss.max(1) as f64;
+            let annotated = self
+                .cluster
+                .iter()
+                .filter(|r| r.elsewhere.annotated && r.elsewhere.service_accounts == largest.elsewhere.service_accounts)
+                .map(|r| {
+                    format!(
+                        "; all {} annotated: {:.2} MiB ({:.2}×)",
+                        r.elsewhere.service_accounts,
+                        mib(r.idle.rss),
+                        r.idle.rss as f64 / base.idle.rss.max(1) as f64
+                    )
+                })
+                .next()
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| RSS with {} service accounts elsewhere in the cluster ≤ {CLUSTER_RSS_RATIO}× RSS with none ({} local \
+                 pods) | none: {:.2} MiB; {}: {:.2} MiB ({ratio:.2}×){annotated} | {} |",
+                largest.elsewhere.service_accounts,
+                base.pods,
+                mib(base.idle.rss),
+                largest.elsewhere.service_accounts,
+                mib(largest.idle.rss),
+                yes(ratio <= CLUSTER_RSS_RATIO && largest.failures == 0)
             );
         }
         let mut first_ok = true;
@@ -266,6 +309,85 @@ impl Results {
                 mib(r.loaded_rss),
                 mib(r.loaded_hwm),
                 r.load_rate,
+                r.failures
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    /// The cluster row with nothing elsewhere, and the one with the most unannotated service accounts.
+    fn cluster_pair(&self) -> Option<(&ClusterRow, &ClusterRow)> {
+        let base = self
+            .cluster
+            .iter()
+            .find(|r| r.elsewhere.service_accounts == 0 && r.elsewhere.namespaces == 0)?;
+        let largest = self
+            .cluster
+            .iter()
+            .filter(|r| !r.elsewhere.annotated && r.elsewhere.namespaces == 0)
+            .max_by_key(|r| r.elsewhere.service_accounts)
+            .filter(|r| r.elsewhere.service_accounts > 0)?;
+        Some((base, largest))
+    }
+
+    fn cluster_table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "## Cluster size: memory and API-server cost of one agent\n\n\
+             A fresh agent per row with {} pods on its node (as in the memory table, every session cached \
+             before the idle reading), and service accounts and namespaces elsewhere in the cluster that none \
+             of its pods uses, shaped like real ones (labels, a `managedFields` entry); the annotated row gives \
+             every one of them an IRSA role. Service accounts and namespaces are listed and watched as \
+             metadata only (`PartialObjectMetadata`), pods whole; lists come from the watch cache \
+             (`resourceVersion=0`, relists `NotOlderThan` the last version seen). Bytes are response bodies \
+             as the kube double counted them, for the pod, service-account and namespace watches (the Node \
+             watch is one object whatever the cluster's size).\n\n\
+             - *Start*: the first list and watch of each kind.\n\
+             - *Per relist*: an API server restart as each agent sees it: every watch gets 410 and each kind \
+             is listed again and watched anew; RSS is read again 1 s after.\n\
+             - *Per hour, steady*: no change anywhere; watch renewals at a real server's mean watch timeout \
+             ({} s) and one bookmark per watch every {} s (the bookmark bytes measured over {:.1} s with one \
+             bookmark a second per watch). Every change of a service account or namespace anywhere adds about \
+             its metadata's size, to every agent.\n",
+            self.cluster.first().map_or(0, |r| r.pods),
+            WATCH_RENEWAL.as_secs(),
+            BOOKMARK_EVERY.as_secs(),
+            self.sizes.bookmark_window.as_secs_f64()
+        );
+        let _ = writeln!(
+            out,
+            "| Service accounts elsewhere | Namespaces elsewhere | Idle RSS | vs none | RSS after a relist | \
+             Start: requests / bytes | Per relist: requests / bytes (service-account list) | \
+             Per hour, steady: requests / bytes | Failures |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        let base = self.cluster_pair().map(|(b, _)| b.idle.rss);
+        let kib = |bytes: f64| format!("{:.1} KiB", bytes / 1024.0);
+        let watches = WATCHED.len() as f64;
+        for r in &self.cluster {
+            let versus = base.map_or("–".to_owned(), |b| {
+                format!("{:.2}×", r.idle.rss as f64 / b.max(1) as f64)
+            });
+            let hour = Duration::from_secs(3600).as_secs_f64();
+            let renewals = watches * hour / WATCH_RENEWAL.as_secs_f64();
+            // Measured at one bookmark a second per watch: the bytes of one round, times the rounds.
+            let bookmarks = r.bookmark_bytes_per_second * (hour / BOOKMARK_EVERY.as_secs_f64());
+            let accounts = match (r.elsewhere.service_accounts, r.elsewhere.annotated) {
+                (0, _) => "0".to_owned(),
+                (n, true) => format!("{n}, all annotated"),
+                (n, false) => n.to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "| {accounts} | {} | {:.2} MiB | {versus} | {:.2} MiB | {} / {} | {} / {} ({}) | {renewals:.0} / {} | {} |",
+                r.elsewhere.namespaces,
+                mib(r.idle.rss),
+                mib(r.after_relist.rss),
+                r.start.requests,
+                kib(r.start.bytes as f64),
+                r.relist.requests,
+                kib(r.relist.bytes as f64),
+                kib(r.relist.service_account_list_bytes as f64),
+                kib(bookmarks),
                 r.failures
             );
         }
@@ -440,6 +562,14 @@ pub fn missing_numbers(r: &Results) -> Vec<String> {
     for m in &r.memory {
         if m.idle.rss == 0 || (m.pods > 0 && m.loaded_rss == 0) {
             missing.push(format!("memory with {} pods", m.pods));
+        }
+    }
+    for c in &r.cluster {
+        if c.idle.rss == 0 || c.relist.requests == 0 || c.start.bytes == 0 {
+            missing.push(format!(
+                "cluster size with {} service accounts and {} namespaces elsewhere",
+                c.elsewhere.service_accounts, c.elsewhere.namespaces
+            ));
         }
     }
     for f in &r.first.rows {

@@ -17,7 +17,7 @@ use crate::agent::{Agent, Memory};
 use crate::ceiling::Ceiling;
 use crate::load::{self, Caller, Mode, Outcome};
 use crate::pods::{self, Pod, RoleSource};
-use crate::support::kube::FakeKube;
+use crate::support::kube::{FakeKube, Kind, Traffic};
 use crate::support::sts::FakeSts;
 
 /// How big a run is: the full benchmark or the smoke run.
@@ -33,6 +33,29 @@ pub struct Sizes {
     pub upstream_pods: usize,
     pub upstream_window: Duration,
     pub burst_pods: usize,
+    /// Pods on the node in the cluster-size rows.
+    pub cluster_pods: usize,
+    /// The cluster-size rows: objects elsewhere in the cluster.
+    pub cluster_rows: Vec<Elsewhere>,
+    /// The quiet window over which bookmark traffic is measured.
+    pub bookmark_window: Duration,
+}
+
+/// What the rest of the cluster holds in one cluster-size row (none of it used by this node's pods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elsewhere {
+    pub service_accounts: usize,
+    /// Whether those service accounts carry the IRSA annotation (all of them) or none.
+    pub annotated: bool,
+    pub namespaces: usize,
+}
+
+const fn elsewhere(service_accounts: usize, annotated: bool, namespaces: usize) -> Elsewhere {
+    Elsewhere {
+        service_accounts,
+        annotated,
+        namespaces,
+    }
 }
 
 impl Sizes {
@@ -49,6 +72,15 @@ impl Sizes {
             upstream_pods: 100,
             upstream_window: Duration::from_secs(95),
             burst_pods: 200,
+            cluster_pods: 250,
+            cluster_rows: vec![
+                elsewhere(0, false, 0),
+                elsewhere(10_000, false, 0),
+                elsewhere(50_000, false, 0),
+                elsewhere(50_000, true, 0),
+                elsewhere(0, false, 5_000),
+            ],
+            bookmark_window: Duration::from_secs(5),
         }
     }
 
@@ -65,6 +97,13 @@ impl Sizes {
             upstream_pods: 3,
             upstream_window: Duration::from_secs(2),
             burst_pods: 10,
+            cluster_pods: 5,
+            cluster_rows: vec![
+                elsewhere(0, false, 0),
+                elsewhere(200, false, 0),
+                elsewhere(200, true, 50),
+            ],
+            bookmark_window: Duration::from_millis(1500),
         }
     }
 }
@@ -284,6 +323,144 @@ fn rss_of(pid: u32) -> u64 {
 /// Bytes as MiB.
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Cluster size
+
+/// The kinds the agent lists and watches for its pods' roles and the IMDSv2 policy.
+pub const WATCHED: [Kind; 3] = [Kind::Pod, Kind::ServiceAccount, Kind::Namespace];
+
+/// What the API server served the agent, summed over [`WATCHED`] (the Node watch is not counted: one
+/// object, whatever the cluster's size).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Served {
+    pub requests: u64,
+    pub bytes: u64,
+    /// Of `bytes`, the service-account list's.
+    pub service_account_list_bytes: u64,
+}
+
+fn served(kube: &FakeKube) -> Served {
+    let traffic: Vec<Traffic> = WATCHED.iter().map(|&k| kube.traffic(k)).collect();
+    Served {
+        requests: traffic.iter().map(|t| t.lists + t.watches).sum(),
+        bytes: traffic.iter().map(|t| t.list_bytes + t.watch_bytes).sum(),
+        service_account_list_bytes: kube.traffic(Kind::ServiceAccount).list_bytes,
+    }
+}
+
+impl std::ops::Sub for Served {
+    type Output = Served;
+    fn sub(self, before: Served) -> Served {
+        Served {
+            requests: self.requests - before.requests,
+            bytes: self.bytes - before.bytes,
+            service_account_list_bytes: self.service_account_list_bytes - before.service_account_list_bytes,
+        }
+    }
+}
+
+/// One agent with `cluster_pods` pods on its node and `elsewhere` objects in the rest of the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterRow {
+    pub pods: usize,
+    pub elsewhere: Elsewhere,
+    /// Idle, after every pod's session is cached.
+    pub idle: Memory,
+    /// Idle again after a relist of every watched kind.
+    pub after_relist: Memory,
+    /// The first lists and watches.
+    pub start: Served,
+    /// One relist of every watched kind (after 410 Gone): its lists and new watches.
+    pub relist: Served,
+    /// Watch bytes per second over a quiet window in which every watch gets one bookmark a second.
+    pub bookmark_bytes_per_second: f64,
+    pub failures: u64,
+}
+
+/// RSS and API-server cost of an agent by the size of the rest of the cluster.
+pub async fn cluster(sizes: &Sizes) -> Vec<ClusterRow> {
+    let mut rows = Vec::new();
+    for (i, &elsewhere) in sizes.cluster_rows.iter().enumerate() {
+        let doubles = Doubles::start(Duration::ZERO).await;
+        let pods = pods::spread(&format!("size{i}"), 70 + i as u8, sizes.cluster_pods, 10, 5);
+        doubles.add(&pods);
+        for n in 0..elsewhere.service_accounts {
+            doubles
+                .kube
+                .upsert_service_account(pods::elsewhere_service_account(n, elsewhere.annotated));
+        }
+        for n in 0..elsewhere.namespaces {
+            doubles.kube.upsert(Kind::Namespace, pods::elsewhere_namespace(n));
+        }
+        let name = format!(
+            "cluster-{}sa{}-{}ns",
+            elsewhere.service_accounts,
+            if elsewhere.annotated { "-annotated" } else { "" },
+            elsewhere.namespaces
+        );
+        let agent = doubles.agent(&name, &[]).await;
+        let mut failures = warm(&agent, &pods, 32).await as u64;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle = agent.memory();
+        let start = served(&doubles.kube);
+
+        // A quiet minute compressed: writes elsewhere move the resourceVersion, so each watch gets a
+        // bookmark every second and nothing else.
+        let window_start = served(&doubles.kube);
+        let started = Instant::now();
+        while started.elapsed() < sizes.bookmark_window {
+            doubles.kube.upsert_node("elsewhere-node", &[]);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let quiet = served(&doubles.kube) - window_start;
+        let bookmark_bytes_per_second = quiet.bytes as f64 / started.elapsed().as_secs_f64();
+
+        // What an API server restart costs: every watch gets 410 and every kind is relisted.
+        let before = served(&doubles.kube);
+        let traffic_before: Vec<Traffic> = WATCHED.iter().map(|&k| doubles.kube.traffic(k)).collect();
+        doubles.kube.compact();
+        doubles.kube.break_watches();
+        // Relisted: for each kind a list, and two watches (the resume that got 410, the new one).
+        let relisted = crate::support::client::poll(Duration::from_secs(60), Duration::from_millis(20), || {
+            let kube = &doubles.kube;
+            let traffic_before = &traffic_before;
+            async move {
+                WATCHED.iter().zip(traffic_before).all(|(&k, before)| {
+                    let now = kube.traffic(k);
+                    now.lists > before.lists && now.watches >= before.watches + 2
+                })
+            }
+        })
+        .await;
+        // Watches start right after their list; the agent serves again once every list is applied.
+        failures += warm(&agent, &pods, 32).await as u64;
+        if !relisted {
+            failures += 1;
+        }
+        let relist = served(&doubles.kube) - before;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after_relist = agent.memory();
+        eprintln!(
+            "  cluster {name}: idle {:.2} MiB, after a relist {:.2} MiB; relist {} requests, {} bytes",
+            mib(idle.rss),
+            mib(after_relist.rss),
+            relist.requests,
+            relist.bytes
+        );
+        rows.push(ClusterRow {
+            pods: pods.len(),
+            elsewhere,
+            idle,
+            after_relist,
+            start,
+            relist,
+            bookmark_bytes_per_second,
+            failures,
+        });
+    }
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------------

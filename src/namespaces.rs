@@ -1,14 +1,15 @@
 //! Per-namespace IMDSv2 enforcement: a Namespace annotated `imds-broker.io/imdsv2: required` gets 401
 //! for token-less (IMDSv1) requests from its pods even when the node serves IMDSv1 (`--imdsv2 optional`).
 //!
-//! [`Policy`] is the shared, read-mostly view the IMDS handler asks; [`Watcher`] (a watch of all
-//! Namespaces) is its only writer. Fails closed: until the first list is applied, and for annotation
-//! values other than `required` / `optional`, a namespace counts as requiring IMDSv2.
+//! [`Policy`] is the shared, read-mostly view the IMDS handler asks; [`Watcher`] (a metadata-only
+//! watch of all Namespaces, keeping the annotation's value alone) is its only writer; it holds the
+//! names of the namespaces that require IMDSv2, nothing of the others. Fails closed: until the first
+//! list is applied, and for annotation values other than `required` / `optional`, a namespace counts
+//! as requiring IMDSv2.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use k8s_openapi::api::core::v1::Namespace;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,17 @@ use crate::watch::{self, Unreadable, Update};
 
 /// The Namespace annotation read.
 pub const IMDSV2_ANNOTATION: &str = "imds-broker.io/imdsv2";
+
+/// The namespace watch keeps [`IMDSV2_ANNOTATION`] only.
+pub struct Imdsv2;
+
+impl watch::Selection for Imdsv2 {
+    type Kind = k8s_openapi::api::core::v1::Namespace;
+    const ANNOTATION: &'static str = IMDSV2_ANNOTATION;
+}
+
+/// A namespace as the policy needs it: its name and its [`IMDSV2_ANNOTATION`] value.
+pub type Namespace = watch::Metadata<Imdsv2>;
 
 #[derive(Default)]
 struct State {
@@ -82,7 +94,8 @@ impl Policy {
     }
 
     /// Replaces everything with a full list, and marks the policy synced. Namespaces that could not be
-    /// decoded require IMDSv2 (fail closed, as for an unknown annotation value).
+    /// decoded require IMDSv2 (fail closed, as for an unknown annotation value); those missing from the
+    /// list (lists keep only annotated ones) do not.
     pub fn replace(&self, namespaces: &[Namespace], unreadable: &[Unreadable]) {
         let required = namespaces
             .iter()
@@ -133,16 +146,11 @@ impl Policy {
 }
 
 fn name(namespace: &Namespace) -> Option<String> {
-    namespace.metadata.name.clone()
+    namespace.name.clone()
 }
 
 fn requires(namespace: &Namespace) -> bool {
-    let value = namespace
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(IMDSV2_ANNOTATION));
-    match value.map(|v| v.trim().to_ascii_lowercase()) {
+    match namespace.annotation.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
         None => false,
         Some(v) if v == "optional" => false,
         Some(v) if v == "required" => true,
@@ -203,10 +211,7 @@ mod tests {
     use std::time::Duration;
 
     fn namespace(name: &str, value: Option<&str>) -> Namespace {
-        let mut ns = Namespace::default();
-        ns.metadata.name = Some(name.to_owned());
-        ns.metadata.annotations = value.map(|v| [(IMDSV2_ANNOTATION.to_owned(), v.to_owned())].into());
-        ns
+        Namespace::new(None, name, value)
     }
 
     #[tokio::test(start_paused = true)]

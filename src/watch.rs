@@ -1,6 +1,22 @@
-//! One list-then-watch loop per resource, shared by every watcher of the agent: it lists (paginated),
-//! watches from the list's resourceVersion with bookmarks, and tells its consumer exactly what the
-//! consumer's view is worth at each moment.
+//! One list-then-watch loop per resource, shared by every watcher of the agent: it lists, watches from
+//! the list's resourceVersion with bookmarks, and tells its consumer exactly what the consumer's view
+//! is worth at each moment.
+//!
+//! What it costs the API server and the node (every node runs one):
+//! - Lists are served from the API server's watch cache, never from etcd: the first with
+//!   `resourceVersion=0` (any version; nothing has been seen yet), every relist with the last
+//!   resourceVersion seen and `resourceVersionMatch=NotOlderThan`, so a relist can never go back in
+//!   time (behind a load balancer another API server's cache may lag: it waits for its cache to catch
+//!   up, or answers 504 and the list is retried with the backoff). The cache ignores `limit` (it serves
+//!   the whole list at once, and kube drops `resourceVersion=0` when a limit is given), so none is
+//!   sent. Only if the server refuses the version (410 on a list, as etcd does when the cache is
+//!   disabled for the resource) does the next attempt read the latest version, paginated.
+//! - A resource whose objects matter only by their metadata ([`Object::METADATA_ONLY`]) is listed
+//!   and watched as `PartialObjectMetadata`, and decoded into what the consumer keeps (see
+//!   [`Metadata`]); listed objects that tell the consumer nothing ([`Object::matters`]) are dropped
+//!   as they are decoded, so a list's size costs memory only while its body is read.
+//! - Relists after missed events or a silent watch wait a random delay below [`RELIST_SPREAD`]: after
+//!   an API server restart, the nodes of a cluster do not all relist at the same instant.
 //!
 //! - A watch that ends normally (server timeout, load balancer) resumes from the last resourceVersion
 //!   at once: nothing was missed, the view stays whole.
@@ -22,17 +38,17 @@
 //!
 //! It decides nothing about pods or roles; it never spawns.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{ListParams, WatchEvent, WatchParams};
-use kube::{Api, Resource, ResourceExt};
+use futures::{AsyncReadExt, StreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta;
+use kube::Resource;
+use kube::api::{ListParams, VersionMatch, WatchEvent, WatchParams};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
@@ -47,7 +63,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     /// `--watch-idle-timeout`: a watch silent this long (no event, no bookmark) is relisted.
     pub idle: Duration,
-    /// Objects per list page.
+    /// Objects per list page, for the one kind of list that is paginated: the latest version read
+    /// from etcd after the server refused a cached one (watch-cache lists ignore `limit`).
     pub page_size: u32,
 }
 
@@ -124,6 +141,166 @@ pub fn retry_delay(failures: u32, fraction: f64) -> Duration {
     full - (full / 2).mul_f64(fraction.clamp(0.0, 1.0))
 }
 
+/// The longest a relist after missed events or a silent watch is delayed. Small, since the view is
+/// stale (credentials refused) until the relist completes; enough to spread the lists of thousands
+/// of nodes that all lost their watch at once over a second instead of an instant.
+pub const RELIST_SPREAD: Duration = Duration::from_secs(1);
+
+/// The delay before a relist for `cause`, `fraction` uniform in `[0, 1)`: none for the first list (a
+/// starting agent is not ready until it lists) nor after an unidentifiable object (that relist already
+/// waits [`retry_delay`]); up to [`RELIST_SPREAD`] after `410 Gone` or a silent watch, which an API
+/// server restart causes on every node at once.
+pub fn relist_delay(cause: Relist, fraction: f64) -> Duration {
+    match cause {
+        Relist::Initial | Relist::Unreadable => Duration::ZERO,
+        Relist::Gone | Relist::Idle => RELIST_SPREAD.mul_f64(fraction.clamp(0.0, 1.0)),
+    }
+}
+
+/// What a watch decodes its objects into.
+pub trait Object: DeserializeOwned + Clone + Debug + Send + 'static {
+    /// The API type whose collection (of all namespaces) is listed and watched.
+    type Kind: Resource<DynamicType = ()>;
+    /// Whether only metadata is asked for (`PartialObjectMetadata`), not whole objects.
+    const METADATA_ONLY: bool;
+    /// `metadata.resourceVersion`.
+    fn resource_version(&self) -> Option<&str>;
+    /// Whether a listed object tells the consumer anything; one that does not is dropped as it is
+    /// decoded. A consumer that answers `false` must treat an object absent from a list like one
+    /// listed that does not matter (watch events always reach it: a change may make one stop
+    /// mattering).
+    fn matters(&self) -> bool {
+        true
+    }
+}
+
+/// Which kind a [`Metadata`] watch follows, and the one annotation it keeps.
+pub trait Selection: Send + Sync + 'static {
+    /// The API type (`ServiceAccount`, `Namespace`).
+    type Kind: Resource<DynamicType = ()>;
+    /// The annotation whose value is kept.
+    const ANNOTATION: &'static str;
+}
+
+/// An object as its metadata-only watch keeps it: its identity, its resourceVersion and the value of
+/// one annotation ([`Selection::ANNOTATION`]), nothing else. Decoding checks the annotations are a
+/// map of strings, as a whole object's decoding would (so a malformed one is still [`Unreadable`]);
+/// the other metadata fields are not read, so they can neither cost memory nor fail it.
+pub struct Metadata<S> {
+    /// `metadata.namespace` (none for cluster-scoped kinds).
+    pub namespace: Option<String>,
+    /// `metadata.name`.
+    pub name: Option<String>,
+    /// `metadata.resourceVersion`.
+    pub resource_version: Option<String>,
+    /// The value of [`Selection::ANNOTATION`], if present.
+    pub annotation: Option<String>,
+    selection: PhantomData<fn() -> S>,
+}
+
+impl<S> Metadata<S> {
+    /// An object `namespace/name` with this annotation value (tests and fixtures).
+    pub fn new(namespace: Option<&str>, name: &str, annotation: Option<&str>) -> Self {
+        Self {
+            namespace: namespace.map(str::to_owned),
+            name: Some(name.to_owned()),
+            resource_version: None,
+            annotation: annotation.map(str::to_owned),
+            selection: PhantomData,
+        }
+    }
+}
+
+impl<S> Clone for Metadata<S> {
+    fn clone(&self) -> Self {
+        Self {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            resource_version: self.resource_version.clone(),
+            annotation: self.annotation.clone(),
+            selection: PhantomData,
+        }
+    }
+}
+
+impl<S> Debug for Metadata<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metadata")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("resource_version", &self.resource_version)
+            .field("annotation", &self.annotation)
+            .finish()
+    }
+}
+
+impl<'de, S: Selection> Deserialize<'de> for Metadata<S> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(bound = "S: Selection")]
+        struct Object<S> {
+            metadata: Meta<S>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", bound = "S: Selection")]
+        struct Meta<S> {
+            name: Option<String>,
+            namespace: Option<String>,
+            resource_version: Option<String>,
+            #[serde(default)]
+            annotations: Option<Only<S>>,
+        }
+        let object = Object::<S>::deserialize(deserializer)?;
+        Ok(Self {
+            namespace: object.metadata.namespace,
+            name: object.metadata.name,
+            resource_version: object.metadata.resource_version,
+            annotation: object.metadata.annotations.and_then(|a| a.0),
+            selection: PhantomData,
+        })
+    }
+}
+
+/// The value of one annotation, read from the whole map (every value must be a string).
+struct Only<S>(Option<String>, PhantomData<fn() -> S>);
+
+impl<'de, S: Selection> Deserialize<'de> for Only<S> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<S>(PhantomData<fn() -> S>);
+        impl<'de, S: Selection> serde::de::Visitor<'de> for Visitor<S> {
+            type Value = Only<S>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Only<S>, A::Error> {
+                let mut kept = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value::<String>()?;
+                    if key == S::ANNOTATION {
+                        kept = Some(value);
+                    }
+                }
+                Ok(Only(kept, PhantomData))
+            }
+        }
+        deserializer.deserialize_map(Visitor(PhantomData))
+    }
+}
+
+impl<S: Selection> Object for Metadata<S> {
+    type Kind = S::Kind;
+    const METADATA_ONLY: bool = true;
+
+    fn resource_version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
+
+    /// Only objects carrying the annotation: one without it says no more than its absence.
+    fn matters(&self) -> bool {
+        self.annotation.is_some()
+    }
+}
+
 /// What could be read of an object that could not be decoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Unreadable {
@@ -194,7 +371,7 @@ impl Unreadable {
 #[derive(Debug, Clone)]
 enum Lenient<K> {
     Read(K),
-    Unreadable(Box<(Unreadable, ObjectMeta)>),
+    Unreadable(Box<Unreadable>),
 }
 
 impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
@@ -202,59 +379,92 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
         let value = serde_json::Value::deserialize(deserializer)?;
         match K::deserialize(&value) {
             Ok(object) => Ok(Lenient::Read(object)),
-            Err(error) => {
-                let unreadable = Unreadable::of(&value, &error.to_string());
-                let meta = ObjectMeta {
-                    uid: unreadable.uid.clone(),
-                    name: unreadable.name.clone(),
-                    namespace: unreadable.namespace.clone(),
-                    resource_version: unreadable.resource_version.clone(),
-                    ..ObjectMeta::default()
-                };
-                Ok(Lenient::Unreadable(Box::new((unreadable, meta))))
+            Err(error) => Ok(Lenient::Unreadable(Box::new(Unreadable::of(
+                &value,
+                &error.to_string(),
+            )))),
+        }
+    }
+}
+
+impl<K: Object> Lenient<K> {
+    fn resource_version(&self) -> Option<&str> {
+        match self {
+            Lenient::Read(object) => object.resource_version(),
+            Lenient::Unreadable(object) => object.resource_version.as_deref(),
+        }
+    }
+}
+
+/// One list response, keeping only the objects that matter ([`Object::matters`]) and every
+/// unreadable one, dropping the others as they are decoded.
+struct Page<K> {
+    items: Vec<Lenient<K>>,
+    /// How many objects the page held, kept or not.
+    received: usize,
+    metadata: ListMeta,
+}
+
+impl<'de, K: Object> Deserialize<'de> for Page<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(bound = "K: Object")]
+        struct Wire<K> {
+            #[serde(default)]
+            metadata: ListMeta,
+            #[serde(default)]
+            items: Kept<K>,
+        }
+        let wire = Wire::<K>::deserialize(deserializer)?;
+        Ok(Self {
+            items: wire.items.kept,
+            received: wire.items.received,
+            metadata: wire.metadata,
+        })
+    }
+}
+
+struct Kept<K> {
+    kept: Vec<Lenient<K>>,
+    received: usize,
+}
+
+impl<K> Default for Kept<K> {
+    fn default() -> Self {
+        Self {
+            kept: Vec::new(),
+            received: 0,
+        }
+    }
+}
+
+impl<'de, K: Object> Deserialize<'de> for Kept<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<K>(PhantomData<fn() -> K>);
+        impl<'de, K: Object> serde::de::Visitor<'de> for Visitor<K> {
+            type Value = Kept<K>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of objects")
+            }
+            fn visit_unit<E>(self) -> Result<Kept<K>, E> {
+                Ok(Kept::default())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Kept<K>, A::Error> {
+                let mut page = Kept::default();
+                while let Some(item) = seq.next_element::<Lenient<K>>()? {
+                    page.received += 1;
+                    if matches!(&item, Lenient::Read(object) if !object.matters()) {
+                        continue;
+                    }
+                    page.kept.push(item);
+                }
+                Ok(page)
             }
         }
+        deserializer.deserialize_any(Visitor(PhantomData))
     }
 }
 
-impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
-    type DynamicType = ();
-    type Scope = K::Scope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        K::kind(dt)
-    }
-
-    fn group(dt: &()) -> Cow<'_, str> {
-        K::group(dt)
-    }
-
-    fn version(dt: &()) -> Cow<'_, str> {
-        K::version(dt)
-    }
-
-    fn api_version(dt: &()) -> Cow<'_, str> {
-        K::api_version(dt)
-    }
-
-    fn plural(dt: &()) -> Cow<'_, str> {
-        K::plural(dt)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        match self {
-            Lenient::Read(object) => object.meta(),
-            Lenient::Unreadable(unreadable) => &unreadable.1,
-        }
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        match self {
-            Lenient::Read(object) => object.meta_mut(),
-            Lenient::Unreadable(unreadable) => &mut unreadable.1,
-        }
-    }
-}
 /// Every `resource` label the agent's watches use; their series exist from start-up.
 pub const RESOURCES: &[&str] = &["pods", "serviceaccounts", "namespaces"];
 
@@ -265,6 +475,7 @@ pub struct Metrics {
     errors: IntCounterVec,
     relists: IntCounterVec,
     unreadable: IntCounterVec,
+    list_bytes: IntCounterVec,
     silence: Silence,
     unreadable_logs: Arc<Mutex<HashMap<&'static str, (Instant, u32)>>>,
 }
@@ -300,9 +511,17 @@ impl Metrics {
             ),
             &["resource"],
         )?;
+        let list_bytes = IntCounterVec::new(
+            Opts::new(
+                "imds_broker_watch_list_bytes_total",
+                "Bytes of list responses received, by resource (what the agent's lists cost the API server)",
+            ),
+            &["resource"],
+        )?;
         let silence = Silence::new()?;
         for resource in RESOURCES {
             errors.with_label_values(&[resource]);
+            list_bytes.with_label_values(&[resource]);
             for cause in [Relist::Initial, Relist::Gone, Relist::Idle] {
                 relists.with_label_values(&[resource, cause.label()]);
             }
@@ -316,12 +535,14 @@ impl Metrics {
         registry.register(Box::new(unreadable.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(relists.clone()))?;
+        registry.register(Box::new(list_bytes.clone()))?;
         registry.register(Box::new(silence.clone()))?;
         Ok(Self {
             events,
             errors,
             relists,
             unreadable,
+            list_bytes,
             silence,
             unreadable_logs: Arc::default(),
         })
@@ -340,6 +561,33 @@ impl Metrics {
         }
         *lines += 1;
         *lines <= UNREADABLE_LOGS
+    }
+}
+
+/// Bytes read from a list response at a time.
+const LIST_READ: usize = 64 * 1024;
+/// Chunks of a list response in flight between the connection and the decoder.
+const LIST_CHUNKS: usize = 4;
+
+/// A list response's body as the blocking decoder reads it: the chunks the connection received.
+struct Body {
+    received: mpsc::Receiver<Vec<u8>>,
+    chunk: std::io::Cursor<Vec<u8>>,
+}
+
+impl std::io::Read for Body {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.chunk.read(out)?;
+            if n > 0 || out.is_empty() {
+                return Ok(n);
+            }
+            match self.received.blocking_recv() {
+                Some(next) => self.chunk = std::io::Cursor::new(next),
+                // The end of the body (or a failed read, which the connection side reports).
+                None => return Ok(0),
+            }
+        }
     }
 }
 
@@ -419,13 +667,42 @@ enum End {
     Stop,
 }
 
-impl<K> Watch<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
-{
+/// Where a list reads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum From {
+    /// The watch cache, any version (`resourceVersion=0`): the first list.
+    Cache,
+    /// The watch cache, at least this version (`resourceVersionMatch=NotOlderThan`): a relist never
+    /// goes back behind what the consumer has already seen.
+    NotOlderThan(String),
+    /// The latest version, a quorum read from etcd, paginated: after the server refused a version.
+    Latest,
+}
+
+/// A complete list.
+struct Listed<K> {
+    /// The objects that could be read and matter.
+    items: Vec<K>,
+    /// The objects that could not be read.
+    unreadable: Vec<Unreadable>,
+    /// How many objects were received, kept or not.
+    received: usize,
+    /// Its resourceVersion.
+    version: String,
+}
+
+/// Why a list failed.
+struct ListError {
+    message: String,
+    /// The server refused the version asked for (410).
+    gone: bool,
+}
+
+impl<K: Object> Watch<K> {
     /// Lists and watches into `out` until `shutdown` or until `out` is closed.
     pub async fn run(self, out: mpsc::Sender<Update<K>>, shutdown: CancellationToken) {
         let mut cause = Relist::Initial;
+        let mut from = From::Cache;
         let mut failures = 0u32;
         let mut reachable = true;
         // Every series exists from the start, at zero.
@@ -446,17 +723,33 @@ where
                     return;
                 }
             }
+            let spread = relist_delay(cause, rand::random());
+            if !spread.is_zero() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(spread) => {}
+                }
+            }
             // List until it works.
-            let (items, unreadable, mut version) = loop {
+            let Listed {
+                items,
+                unreadable,
+                received,
+                mut version,
+            } = loop {
                 let listed = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    listed = self.list() => listed,
+                    listed = self.list(&from) => listed,
                 };
                 match listed {
                     Ok(listed) => break listed,
                     Err(error) => {
                         failures += 1;
-                        if !self.failed(&out, &mut reachable, &error, "list").await || !pause(failures, &shutdown).await
+                        if error.gone {
+                            from = From::Latest;
+                        }
+                        if !self.failed(&out, &mut reachable, &error.message, "list").await
+                            || !pause(failures, &shutdown).await
                         {
                             return;
                         }
@@ -468,7 +761,7 @@ where
             self.metrics
                 .events
                 .with_label_values(&[self.resource, "listed"])
-                .inc_by((items.len() + unreadable.len()) as u64);
+                .inc_by(received as u64);
             if out.send(Update::Listed { items, unreadable }).await.is_err() {
                 return;
             }
@@ -486,7 +779,14 @@ where
                     .await
                 {
                     End::Stop => return,
-                    End::Relist(cause) => break cause,
+                    End::Relist(cause) => {
+                        from = if version.is_empty() {
+                            From::Cache
+                        } else {
+                            From::NotOlderThan(version)
+                        };
+                        break cause;
+                    }
                     End::Resume { failed: false } => failures = 0,
                     End::Resume { failed: true } => {
                         failures += 1;
@@ -499,42 +799,121 @@ where
         }
     }
 
-    fn api(&self) -> Api<Lenient<K>> {
-        Api::all(self.client.clone())
+    fn request(&self) -> kube::core::Request {
+        kube::core::Request::new(K::Kind::url_path(&(), None))
     }
 
-    /// A complete, paginated list (what could be read, what could not) and its resourceVersion. A list
-    /// holding an object that identifies nothing fails: the consumer could not tell what to distrust.
-    async fn list(&self) -> Result<(Vec<K>, Vec<Unreadable>, String), String> {
-        let mut params = ListParams::default().limit(self.config.page_size);
+    /// A complete list (what could be read and matters, what could not) and its resourceVersion. A
+    /// list holding an object that identifies nothing fails: the consumer could not tell what to
+    /// distrust.
+    async fn list(&self, from: &From) -> Result<Listed<K>, ListError> {
+        let mut params = ListParams::default();
         if let Some(fields) = &self.fields {
             params = params.fields(fields);
         }
-        let api = self.api();
-        let mut items = Vec::new();
-        let mut unreadable = Vec::new();
+        params = match from {
+            // No limit: the watch cache ignores it, and kube would drop `resourceVersion=0` for it.
+            From::Cache => params.at("0"),
+            From::NotOlderThan(version) => params.at(version).matching(VersionMatch::NotOlderThan),
+            From::Latest => params.limit(self.config.page_size),
+        };
+        let failed = |message: String| ListError { message, gone: false };
+        let mut listed = Listed {
+            items: Vec::new(),
+            unreadable: Vec::new(),
+            received: 0,
+            version: String::new(),
+        };
         loop {
-            let page = api.list(&params).await.map_err(|e| e.to_string())?;
+            let request = if K::METADATA_ONLY {
+                self.request().list_metadata(&params)
+            } else {
+                self.request().list(&params)
+            }
+            .map_err(|e| failed(e.to_string()))?;
+            let page = self.fetch(request).await?;
+            listed.received += page.received;
             for item in page.items {
                 match item {
-                    Lenient::Read(object) => items.push(object),
+                    Lenient::Read(object) => listed.items.push(object),
                     Lenient::Unreadable(object) => {
-                        let (object, _) = *object;
                         self.log_unreadable(&object, "list");
                         if !object.is_identified() {
-                            return Err(format!(
+                            return Err(failed(format!(
                                 "the list holds an object with no readable uid or name ({})",
                                 object.error
-                            ));
+                            )));
                         }
-                        unreadable.push(object);
+                        listed.unreadable.push(*object);
                     }
                 }
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params.continue_token = Some(token),
-                None => return Ok((items, unreadable, page.metadata.resource_version.unwrap_or_default())),
+                None => {
+                    listed.version = page.metadata.resource_version.unwrap_or_default();
+                    return Ok(listed);
+                }
             }
+        }
+    }
+
+    /// One list response, decoded as it arrives, keeping only what matters. A cached list is one
+    /// response however long (tens of MiB for a large cluster): read whole, its buffer would set the
+    /// agent's memory by the cluster's size (the allocator keeps what a large buffer once took), so the
+    /// body goes chunk by chunk through a small bounded channel to a decoder on the blocking pool, and
+    /// a list costs a few chunks of memory whatever its length.
+    async fn fetch(&self, request: http::Request<Vec<u8>>) -> Result<Page<K>, ListError> {
+        let failed = |error: kube::Error| ListError {
+            gone: matches!(&error, kube::Error::Api(status) if status.code == 410),
+            message: error.to_string(),
+        };
+        let reader = self.client.request_stream(request).await.map_err(failed)?;
+        let mut reader = std::pin::pin!(reader);
+        let (chunks, received) = mpsc::channel::<Vec<u8>>(LIST_CHUNKS);
+        let decoder = tokio::task::spawn_blocking(move || {
+            let body = std::io::BufReader::with_capacity(
+                LIST_READ,
+                Body {
+                    received,
+                    chunk: std::io::Cursor::default(),
+                },
+            );
+            serde_json::from_reader::<_, Page<K>>(body)
+        });
+        let mut bytes = 0u64;
+        let read = loop {
+            let mut chunk = vec![0; LIST_READ];
+            match reader.read(&mut chunk).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    bytes += n as u64;
+                    chunk.truncate(n);
+                    // The decoder stopped (malformed JSON): its error says why.
+                    if chunks.send(chunk).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        drop(chunks);
+        self.metrics
+            .list_bytes
+            .with_label_values(&[self.resource])
+            .inc_by(bytes);
+        let decoded = decoder.await;
+        read.map_err(|e| failed(kube::Error::ReadEvents(e)))?;
+        match decoded {
+            Ok(Ok(page)) => Ok(page),
+            Ok(Err(error)) => Err(ListError {
+                message: format!("cannot decode the list: {error}"),
+                gone: false,
+            }),
+            Err(error) => Err(ListError {
+                message: format!("the list decoder failed: {error}"),
+                gone: false,
+            }),
         }
     }
 
@@ -564,9 +943,17 @@ where
         if let Some(fields) = &self.fields {
             params = params.fields(fields);
         }
-        let from = version.clone();
-        let api = self.api();
-        let start = api.watch(&params, &from);
+        let request = if K::METADATA_ONLY {
+            self.request().watch_metadata(&params, version)
+        } else {
+            self.request().watch(&params, version)
+        };
+        let start = async {
+            match request {
+                Ok(request) => self.client.request_events::<Lenient<K>>(request).await,
+                Err(error) => Err(kube::Error::BuildRequest(error)),
+            }
+        };
         let mut start = std::pin::pin!(start);
         let grace = tokio::time::sleep(START_GRACE);
         let mut grace = std::pin::pin!(grace);
@@ -619,7 +1006,7 @@ where
                     advance(version, &object);
                     match object {
                         Lenient::Read(object) => Update::Applied(object),
-                        Lenient::Unreadable(object) => match self.unreadable(object.0) {
+                        Lenient::Unreadable(object) => match self.unreadable(*object) {
                             Some(object) => Update::Unreadable { object, deleted: false },
                             None => return End::Relist(Relist::Unreadable),
                         },
@@ -630,7 +1017,7 @@ where
                     advance(version, &object);
                     match object {
                         Lenient::Read(object) => Update::Deleted(object),
-                        Lenient::Unreadable(object) => match self.unreadable(object.0) {
+                        Lenient::Unreadable(object) => match self.unreadable(*object) {
                             Some(object) => Update::Unreadable { object, deleted: true },
                             None => return End::Relist(Relist::Unreadable),
                         },
@@ -715,9 +1102,9 @@ where
 
 /// Resumes later watches after `object`; one without a resourceVersion (unreadable) leaves it as it
 /// was, since an empty one would ask the API server for "any" version.
-fn advance<K: Resource>(version: &mut String, object: &K) {
+fn advance<K: Object>(version: &mut String, object: &Lenient<K>) {
     if let Some(seen) = object.resource_version().filter(|v| !v.is_empty()) {
-        *version = seen;
+        *version = seen.to_owned();
     }
 }
 
@@ -741,12 +1128,12 @@ mod tests {
         let Lenient::<Pod>::Unreadable(object) = serde_json::from_str(text).unwrap() else {
             panic!("decoded")
         };
-        let (unreadable, meta) = *object;
+        let unreadable = *object;
         assert!(unreadable.is_identified());
         assert_eq!(unreadable.key(), "ns/p");
         assert_eq!(unreadable.ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(
-            meta.resource_version.as_deref(),
+            unreadable.resource_version.as_deref(),
             Some("7"),
             "the watch resumes after it"
         );
@@ -756,7 +1143,7 @@ mod tests {
         let Lenient::<Pod>::Unreadable(object) = serde_json::from_str(nameless).unwrap() else {
             panic!("decoded")
         };
-        assert!(!object.0.is_identified());
+        assert!(!object.is_identified());
 
         let fine = r#"{"metadata":{"name":"p","uid":"u1"},"status":{"podIP":"10.0.0.1"}}"#;
         assert!(matches!(
@@ -772,7 +1159,7 @@ mod tests {
         let Lenient::<Pod>::Unreadable(object) = serde_json::from_str(&text).unwrap() else {
             panic!("decoded")
         };
-        assert!(object.0.error.chars().count() <= ERROR_CHARS);
+        assert!(object.error.chars().count() <= ERROR_CHARS);
     }
 
     #[test]
@@ -789,5 +1176,109 @@ mod tests {
                 );
             }
         }
+    }
+
+    struct Role;
+    impl Selection for Role {
+        type Kind = k8s_openapi::api::core::v1::ServiceAccount;
+        const ANNOTATION: &'static str = "example.com/role";
+    }
+
+    #[test]
+    fn a_metadata_object_keeps_its_identity_and_the_one_annotation_only() {
+        let text = r#"{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{
+            "name":"sa","namespace":"ns","uid":"u","resourceVersion":"9","labels":{"a":"b"},
+            "managedFields":[{"manager":"kubectl"}],
+            "annotations":{"other":"x","example.com/role":"arn","kubectl.kubernetes.io/last-applied-configuration":"{}"}}}"#;
+        let Lenient::<Metadata<Role>>::Read(object) = serde_json::from_str(text).unwrap() else {
+            panic!("unreadable")
+        };
+        assert_eq!(object.namespace.as_deref(), Some("ns"));
+        assert_eq!(object.name.as_deref(), Some("sa"));
+        assert_eq!(object.resource_version(), Some("9"));
+        assert_eq!(object.annotation.as_deref(), Some("arn"));
+        assert!(object.matters());
+        let plain: Metadata<Role> = serde_json::from_str(r#"{"metadata":{"name":"sa","annotations":null}}"#).unwrap();
+        assert_eq!(plain.annotation, None);
+        assert!(!plain.matters(), "without the annotation it says nothing");
+    }
+
+    #[test]
+    fn malformed_annotations_make_a_metadata_object_unreadable_as_a_whole_object_would_be() {
+        for annotations in [r#"[]"#, r#"{"other":["x"]}"#, r#"{"example.com/role":7}"#, r#""x""#] {
+            let text = format!(r#"{{"metadata":{{"name":"sa","uid":"u","annotations":{annotations}}}}}"#);
+            let Lenient::<Metadata<Role>>::Unreadable(object) = serde_json::from_str(&text).unwrap() else {
+                panic!("{annotations} decoded")
+            };
+            assert!(object.is_identified(), "{annotations}");
+        }
+    }
+
+    #[test]
+    fn a_list_keeps_what_matters_and_every_unreadable_object_and_counts_them_all() {
+        let text = r#"{"kind":"PartialObjectMetadataList","apiVersion":"meta.k8s.io/v1",
+            "metadata":{"resourceVersion":"12"},"items":[
+            {"metadata":{"name":"a","uid":"1"}},
+            {"metadata":{"name":"b","uid":"2","annotations":{"example.com/role":"arn"}}},
+            {"metadata":{"name":"c","uid":"3","annotations":[]}},
+            {"metadata":{"name":"d","uid":"4","annotations":{"x":"y"}}}]}"#;
+        let page: Page<Metadata<Role>> = serde_json::from_str(text).unwrap();
+        assert_eq!(page.received, 4);
+        let kept: Vec<String> = page
+            .items
+            .iter()
+            .map(|item| match item {
+                Lenient::Read(object) => object.name.clone().unwrap(),
+                Lenient::Unreadable(object) => format!("unreadable {}", object.key()),
+            })
+            .collect();
+        assert_eq!(kept, ["b", "unreadable c"]);
+        assert_eq!(page.metadata.resource_version.as_deref(), Some("12"));
+        let empty: Page<Metadata<Role>> = serde_json::from_str(r#"{"metadata":{},"items":null}"#).unwrap();
+        assert_eq!((empty.items.len(), empty.received), (0, 0));
+    }
+
+    #[test]
+    fn relists_that_every_node_makes_at_once_are_spread_over_at_most_a_second() {
+        assert_eq!(relist_delay(Relist::Initial, 0.9), Duration::ZERO);
+        assert_eq!(
+            relist_delay(Relist::Unreadable, 0.9),
+            Duration::ZERO,
+            "already backed off"
+        );
+        for cause in [Relist::Gone, Relist::Idle] {
+            assert_eq!(relist_delay(cause, 0.0), Duration::ZERO);
+            assert_eq!(relist_delay(cause, 0.5), RELIST_SPREAD / 2);
+            let mut last = Duration::ZERO;
+            for step in 0..=1000 {
+                let delay = relist_delay(cause, f64::from(step) / 1000.0);
+                assert!(delay >= last && delay <= RELIST_SPREAD, "{cause:?} {step}: {delay:?}");
+                last = delay;
+            }
+            assert_eq!(relist_delay(cause, 7.0), RELIST_SPREAD, "clamped");
+        }
+    }
+
+    #[test]
+    fn a_list_body_is_decoded_from_its_chunks_as_they_come() {
+        let text = br#"{"metadata":{"resourceVersion":"5"},"items":[{"metadata":{"name":"a","uid":"1","annotations":{"example.com/role":"arn"}}}]}"#;
+        let body = || {
+            let (chunks, received) = mpsc::channel(text.len());
+            for piece in text.chunks(3) {
+                chunks
+                    .try_send(piece.to_vec())
+                    .unwrap_or_else(|_| panic!("room for every chunk"));
+            }
+            Body {
+                received,
+                chunk: std::io::Cursor::default(),
+            }
+        };
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut body(), &mut read).unwrap();
+        assert_eq!(read, text, "every chunk, in order, then the end");
+        let page: Page<Metadata<Role>> = serde_json::from_reader(std::io::BufReader::new(body())).unwrap();
+        assert_eq!((page.received, page.items.len()), (1, 1));
+        assert_eq!(page.metadata.resource_version.as_deref(), Some("5"));
     }
 }

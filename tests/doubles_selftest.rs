@@ -1031,3 +1031,140 @@ async fn events_are_validated_like_the_api_server_and_recorded() {
     assert_eq!(writes.first().map(|w| (w.verb, w.status)), Some(("POST", 201)));
     assert_eq!(writes.iter().filter(|w| w.status < 300).count(), 3, "{writes:?}");
 }
+
+/// `GET path` through the real client with this `Accept`, as JSON (or the API error).
+async fn get_as(kube: &FakeKube, path: &str, accept: &str) -> Result<serde_json::Value, kube::Error> {
+    let request = http::Request::get(path)
+        .header(http::header::ACCEPT, accept)
+        .body(Vec::new())
+        .unwrap();
+    let text = bounded(kube.client().request_text(request)).await?;
+    Ok(serde_json::from_str(&text).unwrap())
+}
+
+fn api_code(result: Result<serde_json::Value, kube::Error>) -> u16 {
+    match result {
+        Err(kube::Error::Api(status)) => status.code,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+
+#[tokio::test]
+async fn metadata_only_lists_watches_and_gets_have_the_real_servers_shapes() {
+    let kube = FakeKube::start().await;
+    kube.upsert_service_account(fake::service_account("team", "svc").role_arn(ROLE));
+    let accounts: Api<ServiceAccount> = Api::all(kube.client());
+
+    // kube's metadata API decodes what the double serves.
+    let list = bounded(accounts.list_metadata(&ListParams::default())).await.unwrap();
+    let annotations = list.items[0].metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations.get(fake::SA_ROLE_ANNOTATION).map(String::as_str),
+        Some(ROLE)
+    );
+    let mut events = bounded(accounts.watch_metadata(&WatchParams::default(), "0"))
+        .await
+        .unwrap()
+        .boxed();
+    match next(&mut events).await.unwrap() {
+        WatchEvent::Added(object) => {
+            assert_eq!(object.metadata.name.as_deref(), Some("svc"));
+            assert_eq!(object.types.unwrap().kind, "PartialObjectMetadata");
+        }
+        other => panic!("expected Added, got {other:?}"),
+    }
+
+    // On the wire: the list type, the item type, and nothing but metadata.
+    let list = get_as(&kube, "/api/v1/serviceaccounts", METADATA_LIST).await.unwrap();
+    assert_eq!(list["kind"], "PartialObjectMetadataList");
+    assert_eq!(list["apiVersion"], "meta.k8s.io/v1");
+    let item = list["items"][0].as_object().unwrap();
+    let mut keys: Vec<&str> = item.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["apiVersion", "kind", "metadata"]);
+    assert_eq!(item["kind"], "PartialObjectMetadata");
+    assert_eq!(item["apiVersion"], "meta.k8s.io/v1");
+    assert_eq!(item["metadata"]["annotations"][fake::SA_ROLE_ANNOTATION], ROLE);
+    let one = get_as(&kube, "/api/v1/namespaces/team/serviceaccounts/svc", METADATA)
+        .await
+        .unwrap();
+    assert_eq!(one["kind"], "PartialObjectMetadata");
+    assert!(one.get("secrets").is_none() && one["metadata"]["name"] == "svc");
+
+    // Whole objects without the parameter, or when the first offer cannot be served.
+    let whole = get_as(&kube, "/api/v1/serviceaccounts", "application/json")
+        .await
+        .unwrap();
+    assert_eq!(whole["kind"], "ServiceAccountList");
+    let fallback = get_as(
+        &kube,
+        "/api/v1/serviceaccounts",
+        &format!("{METADATA},application/json"),
+    )
+    .await;
+    assert_eq!(
+        fallback.unwrap()["kind"],
+        "ServiceAccountList",
+        "a list is not a PartialObjectMetadata"
+    );
+    // 406 when nothing offered can be served.
+    assert_eq!(api_code(get_as(&kube, "/api/v1/serviceaccounts", METADATA).await), 406);
+    let table = "application/json;as=Table;g=meta.k8s.io;v=v1";
+    assert_eq!(api_code(get_as(&kube, "/api/v1/serviceaccounts", table).await), 406);
+}
+
+#[tokio::test]
+async fn lists_honour_resource_versions_as_the_watch_cache_does() {
+    let kube = FakeKube::start().await;
+    for name in ["a", "b", "c"] {
+        kube.upsert_pod(fake::pod("default", name));
+    }
+    let now = kube.resource_version();
+    let count = |list: &serde_json::Value| list["items"].as_array().unwrap().len();
+    let json = "application/json";
+
+    // The latest version, paginated.
+    let latest = get_as(&kube, "/api/v1/pods?limit=1", json).await.unwrap();
+    assert_eq!(count(&latest), 1);
+    assert!(latest["metadata"]["continue"].is_string());
+    // From the cache, whole, whatever the limit: any version, or one not older than asked.
+    let any = get_as(&kube, "/api/v1/pods?limit=1&resourceVersion=0", json)
+        .await
+        .unwrap();
+    assert_eq!(count(&any), 3);
+    assert!(any["metadata"].get("continue").is_none());
+    let not_older = format!("/api/v1/pods?limit=1&resourceVersion={now}&resourceVersionMatch=NotOlderThan");
+    let cached = get_as(&kube, &not_older, json).await.unwrap();
+    assert_eq!(count(&cached), 3);
+    assert_eq!(cached["metadata"]["resourceVersion"], now.to_string());
+
+    // A version the server has not reached, a match without a version, an Exact version compacted.
+    // (kube's client retries a 504 with a backoff: asked without it.)
+    let ahead = format!(
+        "/api/v1/pods?resourceVersion={}&resourceVersionMatch=NotOlderThan",
+        now + 100
+    );
+    let answer = bounded(raw_http(kube.addr(), "GET", &ahead, "")).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("Too large resource version"), "{answer}");
+    let bare = "/api/v1/pods?resourceVersionMatch=NotOlderThan";
+    assert_eq!(api_code(get_as(&kube, bare, json).await), 400);
+    kube.compact();
+    let exact = format!("/api/v1/pods?resourceVersion={now}&resourceVersionMatch=Exact");
+    assert_eq!(api_code(get_as(&kube, &exact, json).await), 410);
+    let old = format!("/api/v1/pods?resourceVersion={now}&resourceVersionMatch=NotOlderThan");
+    assert_eq!(
+        count(&get_as(&kube, &old, json).await.unwrap()),
+        3,
+        "the cache is newer: fine"
+    );
+
+    // What was served is counted.
+    let traffic = kube.traffic(Kind::Pod);
+    assert_eq!(traffic.lists, 4);
+    assert!(traffic.list_bytes > 0);
+}

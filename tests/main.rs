@@ -14,6 +14,7 @@ mod doubles_selftest;
 mod events;
 mod faults;
 mod federation;
+mod footprint;
 mod logging;
 mod malformed;
 mod metadata;

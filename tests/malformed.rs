@@ -62,9 +62,9 @@ fn unidentified_pods() -> Vec<Value> {
 
 /// Plain (paginated) lists of pods the double has received so far.
 fn pod_lists(kube: &FakeKube) -> usize {
-    kube.request_log()
+    kube.requests_seen()
         .iter()
-        .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("limit="))
+        .filter(|r| r.path == "/api/v1/pods" && r.is_collection(Kind::Pod) && !r.is_watch())
         .count()
 }
 

@@ -556,8 +556,12 @@ impl Cache {
                 Ok(Some(role)) => {
                     self.evict(&workload.uid, Some(&role)).await;
                     // A role resolved from a partial view (a pod listed before its service account) may
-                    // be the wrong one: prefetch only from a whole view (see `Event::Synced`).
-                    if self.inner.store.view().is_whole() {
+                    // be the wrong one: prefetch only from a whole view (see `Event::Synced`), and only
+                    // what the index still holds: the view may have become whole after this change was
+                    // queued (the service accounts listed right behind the pods), and the change
+                    // that corrects it is queued behind this one.
+                    let current = self.inner.store.read(|i| i.get(&workload.uid) == Some(&workload));
+                    if self.inner.store.view().is_whole() && current {
                         self.prefetch(&workload, &role, prefetches).await;
                     }
                 }

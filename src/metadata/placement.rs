@@ -190,6 +190,16 @@ pub struct Watcher {
     pub watch_metrics: watch::Metrics,
 }
 
+/// The Node is watched whole: there is one, and its labels are what is read.
+impl watch::Object for Node {
+    type Kind = Node;
+    const METADATA_ONLY: bool = false;
+
+    fn resource_version(&self) -> Option<&str> {
+        self.metadata.resource_version.as_deref()
+    }
+}
+
 impl Watcher {
     /// The channel to build a [`Watcher`] with, holding what is known at start.
     pub fn channel(flags: &Placement, node: &Placement, region: &str) -> (channel::Sender<Placement>, Live) {

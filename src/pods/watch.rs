@@ -1,5 +1,7 @@
-//! The watches that feed the [`Store`]: pods with `spec.nodeName=<node>` and all service accounts
-//! (their IRSA annotation can change at any time and must take effect within seconds).
+//! The watches that feed the [`Store`]: pods with `spec.nodeName=<node>` (whole objects) and all
+//! service accounts (their IRSA annotation can change at any time and must take effect within
+//! seconds). Service accounts are watched as metadata only and kept as their IRSA annotation's value
+//! ([`ServiceAccount`]); a list keeps only the annotated ones, so the cluster's size costs nothing.
 //!
 //! [`crate::watch`] lists, watches and says what the view is worth; this module applies its updates to
 //! the index, keeps the store's [`super::View`] true, and forwards the resulting changes. It never
@@ -7,13 +9,34 @@
 
 use std::marker::PhantomData;
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod;
 use prometheus::{IntGauge, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Change, Event, Store};
+use crate::roles::SERVICE_ACCOUNT_ANNOTATION;
 use crate::watch::{self, Update};
+
+/// The service-account watch keeps `eks.amazonaws.com/role-arn` only.
+pub struct Irsa;
+
+impl watch::Selection for Irsa {
+    type Kind = k8s_openapi::api::core::v1::ServiceAccount;
+    const ANNOTATION: &'static str = SERVICE_ACCOUNT_ANNOTATION;
+}
+
+/// A service account as the index needs it: its name and IRSA annotation.
+pub type ServiceAccount = watch::Metadata<Irsa>;
+
+impl watch::Object for Pod {
+    type Kind = Pod;
+    const METADATA_ONLY: bool = false;
+
+    fn resource_version(&self) -> Option<&str> {
+        self.metadata.resource_version.as_deref()
+    }
+}
 
 /// Index metrics.
 #[derive(Clone)]
@@ -167,7 +190,7 @@ impl Watcher {
                 Vec::new()
             }
             Update::Listed { items, unreadable } => {
-                let changes = store.write(|i| i.replace_service_accounts(&items, &unreadable));
+                let changes = store.write(|i| i.replace_service_accounts(items, &unreadable));
                 store.set_view(|v| v.service_accounts = true);
                 changes
             }

@@ -14,6 +14,16 @@
 //!   bound to a pod, signed with [`super::jwt`]'s test key);
 //! - `GET /api/v1/namespaces` lists and watches of Namespaces (cluster-scoped; stored with an empty
 //!   namespace), for the per-namespace IMDSv2 policy;
+//! - the metadata-only form of lists, watches and gets, negotiated by `Accept` as the real server
+//!   does: `application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1` for a list,
+//!   `...;as=PartialObjectMetadata;...` for a watch or a get (kind `PartialObjectMetadata[List]`,
+//!   apiVersion `meta.k8s.io/v1`, only `metadata`); 406 when no offered type can be served;
+//! - list `resourceVersion` semantics as the real server's watch cache applies them: unset reads the
+//!   latest version and honours `limit`; `0` (any version) and `resourceVersionMatch=NotOlderThan`
+//!   are served from the cache, whole, ignoring `limit`; a version newer than the server's is 504
+//!   `Too large resource version`; `Exact` (or a version with a limit and no match) of a version
+//!   already compacted is 410 (the double keeps no history of states, so an `Exact` list of a later
+//!   version serves the current one);
 //! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` and `GET`/`PATCH` of one Event, validated
 //!   strictly and recorded (see [`events`]);
 //! - `GET /openid/v1/jwks`, `GET /.well-known/openid-configuration`, `GET /version`, `GET /api`;
@@ -25,6 +35,9 @@
 //! TokenRequests, compaction, broken watches, and API outages (503s, or connections reset unanswered).
 //! Objects can also be stored exactly as given, unvalidated ([`FakeKube::inject_raw`]), to serve what
 //! does not match the client's schema.
+//!
+//! Every API request is recorded ([`FakeKube::requests_seen`]: path, query, `Accept`), and what lists
+//! and watches served is counted per kind ([`FakeKube::traffic`]).
 //!
 //! Anything else is a 404 Status. Tokens are never logged or echoed anywhere but the TokenRequest answer.
 
@@ -62,6 +75,109 @@ pub const SA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 
 /// Watch history kept before the oldest entries are compacted away.
 const HISTORY_LIMIT: usize = 20_000;
+/// One API request as received.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The decoded query parameters.
+    pub query: HashMap<String, String>,
+    /// The `Accept` header, if any.
+    pub accept: Option<String>,
+}
+
+impl RequestRecord {
+    /// Whether this is a list or watch of `kind`'s collection (all namespaces or one).
+    pub fn is_collection(&self, kind: Kind) -> bool {
+        self.method == "GET"
+            && self
+                .path
+                .trim_end_matches('/')
+                .ends_with(&format!("/{}", kind.plural()))
+    }
+
+    /// Whether this is a watch.
+    pub fn is_watch(&self) -> bool {
+        self.query.get("watch").is_some_and(|w| w == "true" || w == "1")
+    }
+}
+
+/// What a kind's lists and watches have served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// List requests answered (each page counts).
+    pub lists: u64,
+    /// Bytes of list response bodies.
+    pub list_bytes: u64,
+    /// Watch requests answered.
+    pub watches: u64,
+    /// Bytes sent on watch streams (events, bookmarks, errors).
+    pub watch_bytes: u64,
+}
+
+/// Which form of an object a request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// The whole object.
+    Full,
+    /// `PartialObjectMetadata`: kind, apiVersion and metadata only.
+    Metadata,
+}
+
+/// Picks the first media type of `accept` this endpoint can serve, as the real server's negotiation
+/// does: JSON (or any) for whole objects, `as=PartialObjectMetadataList` for a list and
+/// `as=PartialObjectMetadata` for a watch or a get, both in `meta.k8s.io/v1`. 406 when none fits.
+fn negotiate(accept: Option<&str>, list: bool) -> Result<Form, ApiError> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Ok(Form::Full);
+    };
+    for offered in accept.split(',') {
+        let mut parts = offered.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        if !matches!(media.as_str(), "application/json" | "application/*" | "*/*") {
+            continue;
+        }
+        let params: HashMap<String, String> = parts
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let Some(target) = params.get("as") else {
+            return Ok(Form::Full);
+        };
+        let wanted = if list {
+            "PartialObjectMetadataList"
+        } else {
+            "PartialObjectMetadata"
+        };
+        if target == wanted
+            && params.get("g").map(String::as_str) == Some("meta.k8s.io")
+            && params.get("v").map(String::as_str) == Some("v1")
+        {
+            return Ok(Form::Metadata);
+        }
+    }
+    Err(ApiError::new(
+        406,
+        "NotAcceptable",
+        "only the following media types are accepted: application/json, application/yaml, application/vnd.kubernetes.protobuf",
+    ))
+}
+
+/// `object` in the form asked for. The type of a metadata-only object is `PartialObjectMetadata`
+/// whatever its kind.
+fn in_form(object: &Value, form: Form) -> Value {
+    match form {
+        Form::Full => object.clone(),
+        Form::Metadata => json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": object.get("metadata").cloned().unwrap_or_else(|| json!({})),
+        }),
+    }
+}
+
 /// Pagination snapshots kept for `continue` tokens.
 const SNAPSHOT_LIMIT: usize = 64;
 /// Server-side watch timeout when the client sends no `timeoutSeconds`.
@@ -209,6 +325,8 @@ struct State {
     token_requests: Vec<TokenRequestRecord>,
     token_failure: Option<u16>,
     request_log: VecDeque<String>,
+    seen: VecDeque<RequestRecord>,
+    traffic: HashMap<Kind, Traffic>,
     outage: Option<Outage>,
     list_delay: HashMap<Kind, Duration>,
     event_delay: HashMap<Kind, Duration>,
@@ -277,6 +395,8 @@ impl FakeKube {
                 token_requests: Vec::new(),
                 token_failure: None,
                 request_log: VecDeque::new(),
+                seen: VecDeque::new(),
+                traffic: HashMap::new(),
                 outage: None,
                 list_delay: HashMap::new(),
                 event_delay: HashMap::new(),
@@ -511,6 +631,16 @@ impl FakeKube {
     /// The last requests as `METHOD path?query` (at most 1000), oldest first.
     pub fn request_log(&self) -> Vec<String> {
         self.shared.lock().request_log.iter().cloned().collect()
+    }
+
+    /// The last API requests (at most 1000), oldest first, with their query and `Accept` header.
+    pub fn requests_seen(&self) -> Vec<RequestRecord> {
+        self.shared.lock().seen.iter().cloned().collect()
+    }
+
+    /// What the lists and watches of `kind` have served so far.
+    pub fn traffic(&self, kind: Kind) -> Traffic {
+        self.shared.lock().traffic.get(&kind).copied().unwrap_or_default()
     }
 
     /// Watch streams currently open.
@@ -1344,6 +1474,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = super::wire::parse(req.uri().query().unwrap_or_default());
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .map(str::to_owned);
     if !path.starts_with("/_double/") {
         shared.requests.fetch_add(1, Ordering::SeqCst);
         let mut st = shared.lock();
@@ -1353,6 +1488,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         ));
         if st.request_log.len() > 1000 {
             st.request_log.pop_front();
+        }
+        st.seen.push_back(RequestRecord {
+            method: method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            accept: accept.clone(),
+        });
+        if st.seen.len() > 1000 {
+            st.seen.pop_front();
         }
     }
     let body = match req.into_body().collect().await {
@@ -1364,7 +1508,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     {
         return outage_response(outage);
     }
-    match route(&shared, &method, &path, &query, &body).await {
+    match route(&shared, &method, &path, &query, accept.as_deref(), &body).await {
         Ok(response) => response,
         Err(error) => error.response(),
     }
@@ -1387,6 +1531,7 @@ async fn route(
     method: &Method,
     path: &str,
     query: &HashMap<String, String>,
+    accept: Option<&str>,
     body: &Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -1424,22 +1569,22 @@ async fn route(
         (_, ["_double", rest @ ..]) => control(shared, method, rest, body),
         (&Method::GET, ["api", "v1", plural]) => {
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
-            collection_get(shared, kind, None, query).await
+            collection_get(shared, kind, None, query, accept).await
         }
         (_, ["api", "v1", "namespaces", ns, plural]) => {
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
             match *method {
-                Method::GET => collection_get(shared, kind, Some(ns), query).await,
+                Method::GET => collection_get(shared, kind, Some(ns), query, accept).await,
                 Method::POST => create(shared, kind, ns, body),
                 _ => Err(method_not_allowed(method)),
             }
         }
         (_, ["api", "v1", "namespaces", ns, plural, name]) => {
             let kind = Kind::from_plural(plural).ok_or_else(|| ApiError::for_status(404))?;
-            item(shared, method, kind, ns, name, body)
+            item(shared, method, kind, ns, name, accept, body)
         }
         (&Method::POST, ["api", "v1", "nodes"]) => create(shared, Kind::Node, "", body),
-        (_, ["api", "v1", "nodes", name]) => item(shared, method, Kind::Node, "", name, body),
+        (_, ["api", "v1", "nodes", name]) => item(shared, method, Kind::Node, "", name, accept, body),
         (_, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
             status_subresource(shared, method, ns, name, body)
         }
@@ -1536,13 +1681,15 @@ fn item(
     kind: Kind,
     ns: &str,
     name: &str,
+    accept: Option<&str>,
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
     match *method {
         Method::GET => {
+            let form = negotiate(accept, false)?;
             let st = shared.lock();
             let obj = st.get(kind, ns, name).ok_or_else(|| ApiError::not_found(kind, name))?;
-            Ok(json_response(200, obj))
+            Ok(json_response(200, &in_form(obj, form)))
         }
         Method::DELETE => {
             let last = shared
@@ -1607,7 +1754,7 @@ fn status_subresource(
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
     if *method == Method::GET {
-        return item(shared, method, Kind::Pod, ns, name, body);
+        return item(shared, method, Kind::Pod, ns, name, None, body);
     }
     if !(*method == Method::PUT || *method == Method::PATCH) {
         return Err(method_not_allowed(method));
@@ -1664,10 +1811,13 @@ async fn collection_get(
     kind: Kind,
     namespace: Option<&str>,
     query: &HashMap<String, String>,
+    accept: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let filter = Filter::parse(kind, namespace, query)?;
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        return start_watch(shared, kind, filter, query);
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let form = negotiate(accept, !watching)?;
+    if watching {
+        return start_watch(shared, kind, filter, query, form);
     }
     let delay = shared.lock().list_delay.get(&kind).copied();
     if let Some(delay) = delay {
@@ -1684,8 +1834,62 @@ async fn collection_get(
         None => None,
     }
     .filter(|l| *l > 0);
+    let continue_token = query.get("continue").filter(|c| !c.is_empty());
+    let version = query.get("resourceVersion").filter(|v| !v.is_empty());
+    let matching = query.get("resourceVersionMatch").filter(|m| !m.is_empty());
     let mut st = shared.lock();
-    let (snapshot_id, rv, items, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
+    // Where the list is served from, as the real server decides it.
+    let limit = match (version, matching) {
+        (_, Some(m)) if m != "NotOlderThan" && m != "Exact" => {
+            return Err(ApiError::bad_request(format!(
+                "resourceVersionMatch: Unsupported value: {m:?}: supported values: \"Exact\", \"NotOlderThan\""
+            )));
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
+            ));
+        }
+        (Some(_), _) if continue_token.is_some() => {
+            return Err(ApiError::bad_request(
+                "resourceVersion: Forbidden: specifying resource version is not allowed when using continue",
+            ));
+        }
+        (None, None) => limit,
+        (Some(v), m) => {
+            let rv: u64 = v
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("resourceVersion: Invalid value: {v:?}")))?;
+            let exact = m.map(String::as_str) == Some("Exact") || (m.is_none() && rv != 0 && limit.is_some());
+            if exact && rv == 0 {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch: Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                ));
+            }
+            if rv > st.rv {
+                // The cache waits (3 s) for a version it has not reached, then gives up.
+                return Err(ApiError::new(
+                    504,
+                    "Timeout",
+                    format!("Too large resource version: {rv}, current: {}", st.rv),
+                ));
+            }
+            if exact {
+                if rv < st.compacted {
+                    return Err(ApiError::new(
+                        410,
+                        "Expired",
+                        format!("too old resource version: {rv} ({})", st.compacted),
+                    ));
+                }
+                limit
+            } else {
+                // Served from the watch cache: whole, whatever the limit.
+                None
+            }
+        }
+    };
+    let (snapshot_id, rv, items, offset) = match continue_token {
         Some(token) => {
             let (id, offset) = decode_continue(token).ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
             let snapshot = st.snapshots.iter().find(|s| s.id == id).ok_or_else(|| {
@@ -1702,7 +1906,10 @@ async fn collection_get(
     let end = limit.map_or(items.len(), |l| (offset + l).min(items.len()));
     let page: Vec<Value> = items[offset.min(items.len())..end]
         .iter()
-        .map(|o| strip_type_meta(o))
+        .map(|o| match form {
+            Form::Full => strip_type_meta(o),
+            Form::Metadata => in_form(o, form),
+        })
         .collect();
     let mut metadata = json!({ "resourceVersion": rv.to_string() });
     if end < items.len() {
@@ -1723,10 +1930,23 @@ async fn collection_get(
         metadata["continue"] = json!(encode_continue(id, end));
         metadata["remainingItemCount"] = json!(items.len() - end);
     }
-    Ok(json_response(
-        200,
-        &json!({ "kind": kind.list_kind(), "apiVersion": "v1", "metadata": metadata, "items": page }),
-    ))
+    let (list_kind, api_version) = match form {
+        Form::Full => (kind.list_kind(), "v1"),
+        Form::Metadata => ("PartialObjectMetadataList", "meta.k8s.io/v1"),
+    };
+    let body = serde_json::to_vec(
+        &json!({ "kind": list_kind, "apiVersion": api_version, "metadata": metadata, "items": page }),
+    )
+    .expect("json");
+    let traffic = st.traffic.entry(kind).or_default();
+    traffic.lists += 1;
+    traffic.list_bytes += body.len() as u64;
+    Ok(Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("cache-control", "no-cache, private")
+        .body(full(body))
+        .expect("response"))
 }
 
 fn encode_continue(id: u64, offset: usize) -> String {
@@ -1754,14 +1974,18 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
-fn bookmark_line(kind: Kind, rv: u64, initial_end: bool) -> Bytes {
+fn bookmark_line(kind: Kind, rv: u64, initial_end: bool, form: Form) -> Bytes {
     let mut metadata = json!({ "resourceVersion": rv.to_string(), "creationTimestamp": null });
     if initial_end {
         metadata["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
     }
+    let (kind, api_version) = match form {
+        Form::Full => (kind.name(), "v1"),
+        Form::Metadata => ("PartialObjectMetadata", "meta.k8s.io/v1"),
+    };
     event_line(
         "BOOKMARK",
-        &json!({ "kind": kind.name(), "apiVersion": "v1", "metadata": metadata }),
+        &json!({ "kind": kind, "apiVersion": api_version, "metadata": metadata }),
     )
 }
 
@@ -1775,10 +1999,11 @@ fn gone_line(requested: u64, oldest: u64) -> Bytes {
 }
 
 /// What one change means to one watcher, as the API server's watch cache decides it.
-fn translate(change: &Change, kind: Kind, filter: &Filter) -> Option<Bytes> {
+fn translate(change: &Change, kind: Kind, filter: &Filter, form: Form) -> Option<Bytes> {
     if change.kind != kind {
         return None;
     }
+    let event_line = |kind: &str, object: &Value| event_line(kind, &in_form(object, form));
     let was = change.old.as_deref().is_some_and(|o| filter.matches(o));
     match change.event {
         EventType::Deleted => was.then(|| event_line("DELETED", &change.new)),
@@ -1819,6 +2044,7 @@ fn start_watch(
     kind: Kind,
     filter: Filter,
     query: &HashMap<String, String>,
+    form: Form,
 ) -> Result<Response<Body>, ApiError> {
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
@@ -1848,7 +2074,7 @@ fn start_watch(
     let mut initial: Vec<Bytes> = Vec::new();
     let mut replay: Vec<Arc<Change>> = Vec::new();
     let (changes, start_rv, guard, breaker) = {
-        let st = shared.lock();
+        let mut st = shared.lock();
         if let Some(outage) = st.outage {
             return Ok(outage_response(outage));
         }
@@ -1859,6 +2085,7 @@ fn start_watch(
             generation: *breaker.borrow(),
         };
         shared.open_watches.send_modify(|n| *n += 1);
+        st.traffic.entry(kind).or_default().watches += 1;
         match requested {
             Some(rv) if !send_initial => {
                 if rv < st.compacted {
@@ -1871,9 +2098,13 @@ fn start_watch(
             }
             _ => {
                 // No resourceVersion (or "0"), or a streaming list: the current state as ADDED events.
-                initial.extend(st.list(kind, &filter).iter().map(|o| event_line("ADDED", o)));
+                initial.extend(
+                    st.list(kind, &filter)
+                        .iter()
+                        .map(|o| event_line("ADDED", &in_form(o, form))),
+                );
                 if send_initial {
-                    initial.push(bookmark_line(kind, st.rv, true));
+                    initial.push(bookmark_line(kind, st.rv, true, form));
                 }
                 (Some(changes), st.rv, guard, breaker)
             }
@@ -1892,6 +2123,7 @@ fn start_watch(
             changes,
             kind,
             filter,
+            form,
             last_rv: start_rv,
             bookmarks,
             every,
@@ -1901,7 +2133,15 @@ fn start_watch(
         })
         .await;
     });
-    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))));
+    let counted = shared.clone();
+    let stream = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|line| {
+            line.map(|line| {
+                counted.lock().traffic.entry(kind).or_default().watch_bytes += line.len() as u64;
+                Ok(Frame::data(line))
+            })
+        })
+    });
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
@@ -1920,6 +2160,7 @@ struct Pump {
     changes: Option<broadcast::Receiver<Arc<Change>>>,
     kind: Kind,
     filter: Filter,
+    form: Form,
     last_rv: u64,
     bookmarks: bool,
     every: Duration,
@@ -1955,7 +2196,7 @@ impl Outbox {
 
     /// Queues what `change` means to this watch, due after the configured delay and jitter.
     fn schedule(&mut self, p: &Pump, change: &Change) {
-        let Some(line) = translate(change, p.kind, &p.filter) else {
+        let Some(line) = translate(change, p.kind, &p.filter, p.form) else {
             return;
         };
         let (delay, jitter) = {
@@ -2052,7 +2293,11 @@ async fn pump(mut p: Pump) {
             Wake::Change(Err(broadcast::error::RecvError::Closed)) => return,
             Wake::Tick => {
                 if p.last_rv != outbox.announced {
-                    if p.tx.send(bookmark_line(p.kind, p.last_rv, false)).await.is_err() {
+                    if p.tx
+                        .send(bookmark_line(p.kind, p.last_rv, false, p.form))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     outbox.announced = p.last_rv;

@@ -24,9 +24,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use crate::roles::{POD_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION};
+use super::watch::ServiceAccount;
+use crate::roles::POD_ANNOTATION;
 use crate::watch::Unreadable;
 use crate::workload::Workload;
 
@@ -88,8 +89,9 @@ pub struct Index {
     held: HashMap<String, Vec<IpAddr>>,
     /// Address → UIDs of served and held pods claiming it.
     by_ip: HashMap<IpAddr, Vec<String>>,
-    /// (namespace, name) → value of the IRSA annotation.
-    service_accounts: HashMap<(String, String), Option<String>>,
+    /// (namespace, name) → value of the IRSA annotation, for the service accounts that have one (one
+    /// without it resolves like one that does not exist: only annotated ones cost memory).
+    service_accounts: HashMap<(String, String), String>,
     /// (namespace, name) of service accounts that exist but could not be decoded.
     unreadable_accounts: HashSet<(String, String)>,
     /// The node's boot time in Unix seconds, when known.
@@ -369,16 +371,15 @@ impl Index {
     }
     /// Records a service account's role annotation; returns the workloads whose role source changed.
     pub fn apply_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
-        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-        let name = sa.metadata.name.as_deref().unwrap_or_default();
-        let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
-        self.set_service_account(namespace, name, Account::Annotated(role))
+        let namespace = sa.namespace.as_deref().unwrap_or_default();
+        let name = sa.name.as_deref().unwrap_or_default();
+        self.set_service_account(namespace, name, Account::Annotated(sa.annotation.clone()))
     }
 
     /// Forgets a deleted service account.
     pub fn delete_service_account(&mut self, sa: &ServiceAccount) -> Vec<Change> {
-        let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-        let name = sa.metadata.name.as_deref().unwrap_or_default();
+        let namespace = sa.namespace.as_deref().unwrap_or_default();
+        let name = sa.name.as_deref().unwrap_or_default();
         self.set_service_account(namespace, name, Account::Absent)
     }
 
@@ -394,40 +395,46 @@ impl Index {
     }
 
     /// Replaces every service account with a fresh list: those that could be read and those that
-    /// could not.
-    pub fn replace_service_accounts<'a>(
+    /// could not. One missing from the list is deleted or has no annotation (lists keep only the
+    /// annotated ones): either way it names no role. The listed accounts' strings move into the map,
+    /// so a large cluster's list costs what is kept and nothing beside it; only the pods' roles are
+    /// compared.
+    pub fn replace_service_accounts(
         &mut self,
-        accounts: impl IntoIterator<Item = &'a ServiceAccount>,
+        accounts: impl IntoIterator<Item = ServiceAccount>,
         unreadable: &[Unreadable],
     ) -> Vec<Change> {
-        let mut fresh: HashMap<(String, String), Account> = HashMap::new();
+        let mut annotated = HashMap::new();
         for sa in accounts {
-            let namespace = sa.metadata.namespace.as_deref().unwrap_or_default();
-            let name = sa.metadata.name.as_deref().unwrap_or_default();
-            let role = annotation(&sa.metadata.annotations, SERVICE_ACCOUNT_ANNOTATION);
-            fresh.insert(sa_key(namespace, name), Account::Annotated(role));
-        }
-        for sa in unreadable {
-            if let Some(name) = sa.name.as_deref() {
-                let namespace = sa.namespace.as_deref().unwrap_or_default();
-                fresh.insert(sa_key(namespace, name), Account::Unreadable);
+            if let (Some(name), Some(role)) = (sa.name, sa.annotation) {
+                annotated.insert((sa.namespace.unwrap_or_default(), name), role);
             }
         }
-        let stale: Vec<(String, String)> = self
-            .service_accounts
-            .keys()
-            .chain(self.unreadable_accounts.iter())
-            .filter(|k| !fresh.contains_key(*k))
-            .cloned()
-            .collect();
-        let mut changes = Vec::new();
-        for (ns, name) in stale {
-            changes.extend(self.set_service_account(&ns, &name, Account::Absent));
+        let mut unreadable_accounts = HashSet::new();
+        for sa in unreadable {
+            if let Some(name) = sa.name.as_deref() {
+                let key = sa_key(sa.namespace.as_deref().unwrap_or_default(), name);
+                annotated.remove(&key);
+                unreadable_accounts.insert(key);
+            }
         }
-        for ((ns, name), account) in fresh {
-            changes.extend(self.set_service_account(&ns, &name, account));
-        }
-        changes
+        self.service_accounts = annotated;
+        self.unreadable_accounts = unreadable_accounts;
+        let (accounts, unreadable) = (&self.service_accounts, &self.unreadable_accounts);
+        self.pods
+            .values_mut()
+            .filter_map(|w| {
+                let key = sa_key(&w.namespace, &w.service_account);
+                let role = accounts.get(&key).cloned();
+                let unreadable = unreadable.contains(&key);
+                (w.service_account_role != role || w.service_account_unreadable != unreadable).then(|| {
+                    let w = Arc::make_mut(w);
+                    w.service_account_role = role;
+                    w.service_account_unreadable = unreadable;
+                    Change::Upserted(w.clone())
+                })
+            })
+            .collect()
     }
 
     fn set_service_account(&mut self, namespace: &str, name: &str, account: Account) -> Vec<Change> {
@@ -436,7 +443,10 @@ impl Index {
         let role = match account {
             Account::Annotated(role) => {
                 self.unreadable_accounts.remove(&key);
-                self.service_accounts.insert(key, role.clone());
+                match &role {
+                    Some(role) => self.service_accounts.insert(key, role.clone()),
+                    None => self.service_accounts.remove(&key),
+                };
                 role
             }
             Account::Unreadable => {
@@ -474,7 +484,7 @@ impl Index {
             .unwrap_or("default");
         let key = sa_key(namespace, name);
         (
-            self.service_accounts.get(&key).cloned().flatten(),
+            self.service_accounts.get(&key).cloned(),
             self.unreadable_accounts.contains(&key),
         )
     }

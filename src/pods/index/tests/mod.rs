@@ -188,18 +188,7 @@ fn a_service_account_annotation_reaches_its_pods_and_only_them() {
     let mut other = pod("o", "uid-o", &["10.0.0.2"], None);
     other.spec.as_mut().unwrap().service_account_name = Some("other".into());
     index.apply_pod(&other);
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("sa".into()),
-            namespace: Some("ns".into()),
-            annotations: Some(BTreeMap::from([(
-                SERVICE_ACCOUNT_ANNOTATION.to_owned(),
-                "arn:aws:iam::111111111111:role/x".to_owned(),
-            )])),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let sa = ServiceAccount::new(Some("ns"), "sa", Some("arn:aws:iam::111111111111:role/x"));
     let changes = index.apply_service_account(&sa);
     assert_eq!(changes.len(), 1);
     let Lookup::Found(w) = index.lookup(ip("10.0.0.1")) else {
@@ -392,15 +381,7 @@ fn an_unreadable_service_account_marks_its_pods_until_it_is_read_or_deleted() {
         Lookup::Found(w) => (w.service_account_unreadable, w.service_account_role.clone()),
         other => panic!("{other:?}"),
     };
-    let account = |role: Option<&str>| ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("sa".into()),
-            namespace: Some("ns".into()),
-            annotations: role.map(|r| BTreeMap::from([(SERVICE_ACCOUNT_ANNOTATION.to_owned(), r.to_owned())])),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let account = |role: Option<&str>| ServiceAccount::new(Some("ns"), "sa", role);
     index.apply_service_account(&account(Some("arn:aws:iam::111111111111:role/x")));
     let changes = index.distrust_service_account(&unreadable("sa", "uid-sa", &[]), false);
     assert_eq!(changes.len(), 1);
@@ -418,7 +399,7 @@ fn an_unreadable_service_account_marks_its_pods_until_it_is_read_or_deleted() {
         (false, None),
         "deleted: the pod has no account role at all"
     );
-    index.replace_service_accounts([&account(Some("arn:aws:iam::111111111111:role/y"))], &[]);
+    index.replace_service_accounts([account(Some("arn:aws:iam::111111111111:role/y"))], &[]);
     assert_eq!(marked(&index), (false, Some("arn:aws:iam::111111111111:role/y".into())));
 }
 
@@ -437,5 +418,24 @@ fn a_pods_running_time_is_its_earliest_running_containers_start() {
     assert_eq!(
         w.running_since,
         Some(time::OffsetDateTime::from_unix_timestamp(BOOT + 30).unwrap())
+    );
+}
+
+#[test]
+fn only_service_accounts_that_name_a_role_are_kept() {
+    let mut index = Index::new();
+    let role = "arn:aws:iam::111111111111:role/x";
+    index.replace_service_accounts(
+        [
+            ServiceAccount::new(Some("ns"), "plain", None),
+            ServiceAccount::new(Some("ns"), "sa", Some(role)),
+        ],
+        &[],
+    );
+    assert_eq!(index.service_accounts.len(), 1);
+    index.apply_service_account(&ServiceAccount::new(Some("ns"), "sa", None));
+    assert!(
+        index.service_accounts.is_empty(),
+        "an annotation removed frees its entry"
     );
 }
