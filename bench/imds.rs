@@ -17,6 +17,7 @@
 
 mod agent;
 mod ceiling;
+mod fleet;
 mod load;
 mod pods;
 mod report;

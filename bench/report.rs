@@ -153,6 +153,7 @@ impl Results {
         self.first_table(&mut out);
         self.upstream_table(&mut out);
         self.burst_table(&mut out);
+        self.fleet(&mut out);
         self.method(&mut out);
         out
     }
@@ -316,7 +317,7 @@ impl Results {
     }
 
     /// The cluster row with nothing elsewhere, and the one with the most unannotated service accounts.
-    fn cluster_pair(&self) -> Option<(&ClusterRow, &ClusterRow)> {
+    pub(crate) fn cluster_pair(&self) -> Option<(&ClusterRow, &ClusterRow)> {
         let base = self
             .cluster
             .iter()
