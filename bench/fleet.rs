@@ -126,10 +126,15 @@ impl Results {
              off, serves cached credentials where it has them, and answers 503 where it has none, so SDKs \
              retry). A rolling update of the DaemonSet keeps it under the quota with at most {batch:.0} \
              nodes restarting at once at the default rate (`maxUnavailable: {batch:.0}`), about {:.0} min \
-             for the fleet, or a lower `--exchange-rate` with a wider batch (rate 2/s: {:.0} nodes at once).\n",
+             for the fleet, or a lower `--exchange-rate` with a wider batch (rate 2/s: {:.0} nodes at once). \
+             The shipped DaemonSet's `maxUnavailable: 10%` is {:.0} nodes here: {:.0} calls/s in each batch's \
+             first seconds, {:.1}× the quota; lower it on large clusters.\n",
             all_at_once / STS_REPORTED_QUOTA,
             NODES / batch.max(1.0) * (burst_seconds + 10.0) / 60.0,
             (STS_REPORTED_QUOTA / 2.0).floor(),
+            NODES * 0.1,
+            NODES * 0.1 * EXCHANGE_RATE,
+            NODES * 0.1 * EXCHANGE_RATE / STS_REPORTED_QUOTA,
         );
         let saving = match (refresh_period(Duration::from_secs(3600)), refresh_period(Duration::from_secs(43200))) {
             (Some(short), Some(long)) => long.as_secs_f64() / short.as_secs_f64(),

@@ -29,6 +29,11 @@ pub struct Sizes {
     pub measure: Duration,
     pub memory_pods: Vec<usize>,
     pub memory_load: Duration,
+    /// The pod count of the extra memory row whose agent never trims its heap (`--heap-trim-interval 0`).
+    pub memory_untrimmed: usize,
+    /// The agents' `--heap-trim-interval` in the memory rows, and how long after the load the settled
+    /// reading waits (one interval and a second).
+    pub heap_trim: Duration,
     pub first_credential_pods: usize,
     pub upstream_pods: usize,
     pub upstream_window: Duration,
@@ -68,6 +73,8 @@ impl Sizes {
             measure: Duration::from_secs(4),
             memory_pods: vec![0, 110, 250, 1000],
             memory_load: Duration::from_secs(3),
+            memory_untrimmed: 250,
+            heap_trim: Duration::from_secs(10),
             first_credential_pods: 200,
             upstream_pods: 100,
             upstream_window: Duration::from_secs(95),
@@ -93,6 +100,8 @@ impl Sizes {
             measure: Duration::from_millis(300),
             memory_pods: vec![0, 5],
             memory_load: Duration::from_millis(300),
+            memory_untrimmed: 5,
+            heap_trim: Duration::from_secs(1),
             first_credential_pods: 3,
             upstream_pods: 3,
             upstream_window: Duration::from_secs(2),
@@ -242,6 +251,10 @@ pub struct MemoryRow {
     pub namespaces: usize,
     pub service_accounts: usize,
     pub idle: Memory,
+    /// Whether the agent trims its heap (`--heap-trim-interval`), or never (`0`).
+    pub trim: bool,
+    /// Idle again, one trim interval and a second after the load.
+    pub settled: Memory,
     /// The largest VmRSS sampled while under load.
     pub loaded_rss: u64,
     /// VmHWM after the load.
@@ -253,12 +266,20 @@ pub struct MemoryRow {
 /// RSS of the agent alone with each pod count, idle and under load.
 pub async fn memory(sizes: &Sizes) -> Vec<MemoryRow> {
     let mut rows = Vec::new();
-    for (i, &count) in sizes.memory_pods.iter().enumerate() {
+    let runs = sizes
+        .memory_pods
+        .iter()
+        .map(|&count| (count, true))
+        .chain([(sizes.memory_untrimmed, false)]);
+    let interval = format!("{}ms", sizes.heap_trim.as_millis());
+    for (i, (count, trim)) in runs.enumerate() {
         let doubles = Doubles::start(Duration::ZERO).await;
         let (namespaces, accounts) = (10, 5);
         let pods = pods::spread(&format!("mem{count}"), 20 + i as u8, count, namespaces, accounts);
         doubles.add(&pods);
-        let agent = doubles.agent(&format!("memory-{count}"), &[]).await;
+        let flags = ["--heap-trim-interval", if trim { interval.as_str() } else { "0" }];
+        let name = format!("memory-{count}{}", if trim { "" } else { "-untrimmed" });
+        let agent = doubles.agent(&name, &flags).await;
         let mut failures = warm(&agent, &pods, 32).await as u64;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let idle = agent.memory();
@@ -290,16 +311,22 @@ pub async fn memory(sizes: &Sizes) -> Vec<MemoryRow> {
             (sampler.await.unwrap_or(0), outcome.rate())
         };
         let after = agent.memory();
+        tokio::time::sleep(sizes.heap_trim + Duration::from_secs(1)).await;
+        let settled = agent.memory();
         eprintln!(
-            "  memory {count:>5} pods: idle {:.2} MiB, under load {:.2} MiB",
+            "  memory {count:>5} pods{}: idle {:.2} MiB, under load {:.2} MiB, settled {:.2} MiB",
+            if trim { "" } else { " (untrimmed)" },
             mib(idle.rss),
-            mib(loaded_rss)
+            mib(loaded_rss),
+            mib(settled.rss)
         );
         rows.push(MemoryRow {
             pods: count,
             namespaces: namespaces.min(count),
             service_accounts: (namespaces * accounts).min(count),
             idle,
+            trim,
+            settled,
             loaded_rss: loaded_rss.max(after.rss),
             loaded_hwm: after.hwm,
             load_rate,
