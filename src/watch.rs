@@ -3,25 +3,27 @@
 //! is worth at each moment.
 //!
 //! What it costs the API server and the node (every node runs one):
-//! - Lists are served from the API server's watch cache, never from etcd: the first with
+//! - Lists are served from the API server's watch cache rather than etcd: the first with
 //!   `resourceVersion=0` (any version; nothing has been seen yet), every relist with the last
 //!   resourceVersion seen and `resourceVersionMatch=NotOlderThan`, so a relist can never go back in
 //!   time (behind a load balancer another API server's cache may lag: it waits for its cache to catch
 //!   up, or answers 504 and the list is retried with the backoff). The cache ignores `limit` (it serves
 //!   the whole list at once, and kube drops `resourceVersion=0` when a limit is given), so none is
-//!   sent. Only if the server refuses the version (410 on a list, as etcd does when the cache is
-//!   disabled for the resource) does the next attempt read the latest version, paginated.
+//!   sent. Should a server refuse the version anyway (410 on a list; none of the semantics above
+//!   allows it, but a proxy or an older server may), the next attempt reads the latest version from
+//!   etcd, paginated by [`Config::page_size`].
 //! - A resource whose objects matter only by their metadata ([`Object::METADATA_ONLY`]) is listed
 //!   and watched as `PartialObjectMetadata`, and decoded into what the consumer keeps (see
 //!   [`Metadata`]); listed objects that tell the consumer nothing ([`Object::matters`]) are dropped
-//!   as they are decoded, so a list's size costs memory only while its body is read.
+//!   as they are decoded, and a list's body is decoded as it arrives (a few 64 KiB chunks in flight),
+//!   so the cluster's size costs no memory, not even while listing.
 //! - Relists after missed events or a silent watch wait a random delay below [`RELIST_SPREAD`]: after
 //!   an API server restart, the nodes of a cluster do not all relist at the same instant.
 //!
 //! - A watch that ends normally (server timeout, load balancer) resumes from the last resourceVersion
 //!   at once: nothing was missed, the view stays whole.
 //! - `410 Gone` means events were lost while the API server was up: [`Update::Stale`] at once, then a
-//!   relist without backoff.
+//!   relist after the spread delay (no backoff).
 //! - A watch that delivers nothing — no event, no bookmark — for `idle` is presumed dead and relisted
 //!   (bookmarks are asked for, so a quiet but healthy watch is not mistaken for a dead one).
 //! - Errors (API server down, 5xx, transport) are retried with [`retry_delay`], a short capped backoff,
@@ -36,7 +38,8 @@
 //!   [`Update::Stale`] and forces a relist, and a list that holds one fails (retried with the backoff)
 //!   until the object is gone or readable.
 //!
-//! It decides nothing about pods or roles; it never spawns.
+//! It decides nothing about pods or roles. The only task it starts is a list's decoder, on the blocking
+//! pool, which ends with the list.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
