@@ -136,7 +136,10 @@ impl Results {
             NODES * 0.1 * EXCHANGE_RATE,
             NODES * 0.1 * EXCHANGE_RATE / STS_REPORTED_QUOTA,
         );
-        let saving = match (refresh_period(Duration::from_secs(3600)), refresh_period(Duration::from_secs(43200))) {
+        let saving = match (
+            refresh_period(Duration::from_secs(3600)),
+            refresh_period(Duration::from_secs(43200)),
+        ) {
             (Some(short), Some(long)) => long.as_secs_f64() / short.as_secs_f64(),
             _ => f64::NAN,
         };

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use crate::load::{self, Mode};
 use crate::scenarios::{
-    Burst, ClusterRow, First, FirstCase, MemoryRow, STS_LATENCY, Serving, Sizes, Upstream, WATCHED, mib,
+    Burst, ClusterRow, FIRST_CREDENTIAL_PACE, First, FirstCase, MemoryRow, STS_LATENCY, Serving, Sizes, Upstream,
+    WATCHED, mib,
 };
 
 /// Everything one run measured.
@@ -304,7 +305,11 @@ impl Results {
             "| Pods | Heap trim | Namespaces | Service accounts | Idle RSS (1 s) | Idle RSS, settled | RSS under \
              load | VmHWM | Load req/s | Bytes per pod (settled) | Failures |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
-        let base = self.memory.iter().find(|r| r.pods == 0 && r.trim).map(|r| r.settled.rss);
+        let base = self
+            .memory
+            .iter()
+            .find(|r| r.pods == 0 && r.trim)
+            .map(|r| r.settled.rss);
         for r in &self.memory {
             let per_pod = match base {
                 Some(b) if r.pods > 0 => format!("{:.0}", (r.settled.rss as f64 - b as f64) / r.pods as f64),
@@ -412,13 +417,16 @@ impl Results {
         let _ = writeln!(
             out,
             "## First credential: from the pod's IP appearing in the API to its first credential\n\n\
-             One agent; pods created one after another (each with its IP, `Running`) in the kube double; the \
+             One agent; pods created one after another (each with its IP, `Running`), at most one per {} ms (the \
+             node's exchange budget at the default `--exchange-rate` of 20/s: faster, each pod would also wait \
+             for the ones before it, which the burst table shows), in the kube double; the \
              clock starts just before the write and stops when the pod's own address gets a 200 for its role \
              document, polling on a fresh connection every 1 ms after any other answer. The time includes \
              the watch event, the TokenRequest (RS256-signed by the double), STS (the double verifies the \
              signature, then waits its added latency) and the agent's answer; the doubles run in the bench \
              process. In the request-first case the request is sent 5 ms before the pod is written and waits \
-             in the agent (`--pod-wait`, 500 ms by default).\n"
+             in the agent (`--pod-wait`, 500 ms by default).\n",
+            FIRST_CREDENTIAL_PACE.as_millis()
         );
         let _ = writeln!(
             out,
@@ -511,7 +519,9 @@ impl Results {
         let _ = writeln!(
             out,
             "## Burst: a Job's pods starting at once\n\n\
-             A fresh agent per row; the pods (one service account and role, as a Job's) are written to the kube \
+             A fresh agent per row, with its default node budget (`--exchange-rate` 20/s after a burst of 20, \
+             `--exchange-concurrency` 8): 200 pods take about ten seconds by design, so a Job cannot flood STS or \
+             the API server from one node. The pods (one service account and role, as a Job's) are written to the kube \
              double back to back, each one starting to poll from its own address right after its write.\n"
         );
         let _ = writeln!(

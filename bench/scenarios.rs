@@ -555,6 +555,10 @@ async fn poll_until_served(target: std::net::SocketAddr, source: IpAddr, path: &
     (None, misses)
 }
 
+/// The least time between two pods of the first-credential scenario: one slot of the node's exchange
+/// budget at the default `--exchange-rate` (20/s).
+pub const FIRST_CREDENTIAL_PACE: Duration = Duration::from_millis(50);
+
 /// Time from a pod's IP appearing in the API to its first credential, polled from its own address.
 pub async fn first_credential(sizes: &Sizes) -> First {
     let doubles = Doubles::start(Duration::ZERO).await;
@@ -586,7 +590,12 @@ pub async fn first_credential(sizes: &Sizes) -> First {
             block += 1;
             let mut samples = Vec::new();
             let (mut failures, mut early_misses) = (0, 0);
+            let mut next = Instant::now();
             for pod in &pods {
+                // One pod per budget slot (the default --exchange-rate, 20/s): each pod's own latency, not
+                // the queue of the pods before it (the burst scenario measures that).
+                tokio::time::sleep_until(next.into()).await;
+                next = Instant::now() + FIRST_CREDENTIAL_PACE;
                 let path = pod.credentials_path();
                 let (started, (served, misses)) = if case == FirstCase::RequestFirst {
                     let (imds, ip, path) = (agent.imds, pod.ip, path.clone());
