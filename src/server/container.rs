@@ -56,35 +56,6 @@ pub struct Config {
     pub issuer: Option<String>,
 }
 
-/// Every outcome label, in the order their series are created.
-const OUTCOMES: &[&str] = &[
-    "ok",
-    "wrong_host",
-    "method_not_allowed",
-    "headers_too_large",
-    "no_token",
-    "malformed",
-    "expired",
-    "not_yet_valid",
-    "algorithm",
-    "unknown_key",
-    "signature",
-    "issuer",
-    "audience",
-    "not_pod_bound",
-    "keys_unavailable",
-    "other_node",
-    "not_on_node",
-    "mismatch",
-    "held",
-    "unsynced",
-    "no_role",
-    "invalid_role",
-    "refused",
-    "unavailable",
-    "failed",
-];
-
 /// Why a request got no credentials: each a status, a closed label and a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -139,6 +110,34 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every refusal, in the order their series are created (after `ok`).
+    pub const ALL: [Refusal; 24] = [
+        Refusal::WrongHost,
+        Refusal::MethodNotAllowed,
+        Refusal::HeadersTooLarge,
+        Refusal::NoToken,
+        Refusal::Malformed,
+        Refusal::Expired,
+        Refusal::NotYetValid,
+        Refusal::Algorithm,
+        Refusal::UnknownKey,
+        Refusal::Signature,
+        Refusal::Issuer,
+        Refusal::Audience,
+        Refusal::NotPodBound,
+        Refusal::KeysUnavailable,
+        Refusal::OtherNode,
+        Refusal::NotOnNode,
+        Refusal::Mismatch,
+        Refusal::Held,
+        Refusal::Unsynced,
+        Refusal::NoRole,
+        Refusal::InvalidRole,
+        Refusal::Refused,
+        Refusal::Unavailable,
+        Refusal::Failed,
+    ];
+
     /// A closed label for metrics and the log budget.
     pub fn kind(self) -> &'static str {
         match self {
@@ -315,17 +314,12 @@ impl Metrics {
                 "imds_broker_container_credentials_request_duration_seconds",
                 "Container-credentials request latency by outcome class (ok, refused)",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            ]),
+            .buckets(super::LATENCY_BUCKETS.to_vec()),
             &["result"],
         )?;
-        for outcome in OUTCOMES {
-            let code = match *outcome {
-                "ok" => StatusCode::OK,
-                other => refusal_named(other).map_or(StatusCode::INTERNAL_SERVER_ERROR, Refusal::status),
-            };
-            requests.with_label_values(&[code.as_str(), outcome]);
+        requests.with_label_values(&[StatusCode::OK.as_str(), "ok"]);
+        for refusal in Refusal::ALL {
+            requests.with_label_values(&[refusal.status().as_str(), refusal.kind()]);
         }
         for result in ["ok", "refused"] {
             seconds.with_label_values(&[result]);
@@ -334,38 +328,6 @@ impl Metrics {
         registry.register(Box::new(seconds.clone()))?;
         Ok(Self { requests, seconds })
     }
-}
-
-fn refusal_named(kind: &str) -> Option<Refusal> {
-    use Refusal::*;
-    [
-        WrongHost,
-        MethodNotAllowed,
-        HeadersTooLarge,
-        NoToken,
-        Malformed,
-        Expired,
-        NotYetValid,
-        Algorithm,
-        UnknownKey,
-        Signature,
-        Issuer,
-        Audience,
-        NotPodBound,
-        KeysUnavailable,
-        OtherNode,
-        NotOnNode,
-        Mismatch,
-        Held,
-        Unsynced,
-        NoRole,
-        InvalidRole,
-        Refused,
-        Unavailable,
-        Failed,
-    ]
-    .into_iter()
-    .find(|r| r.kind() == kind)
 }
 
 /// The issuer tokens must carry: the flag's, or the API server's discovery document's.
@@ -683,8 +645,12 @@ mod tests {
 
     #[test]
     fn every_refusal_has_a_status_a_label_and_a_line_naming_nothing_secret() {
-        for kind in OUTCOMES.iter().filter(|k| **k != "ok") {
-            let refusal = refusal_named(kind).unwrap_or_else(|| panic!("{kind} has no refusal"));
+        let mut kinds: Vec<&str> = Refusal::ALL.iter().map(|r| r.kind()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), Refusal::ALL.len(), "every refusal has its own label");
+        for refusal in Refusal::ALL {
+            let kind = refusal.kind();
             let response = refusal.into_response();
             assert!(!response.status().is_success(), "{kind}");
             assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");

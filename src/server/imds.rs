@@ -90,9 +90,7 @@ impl Metrics {
                 "imds_broker_imds_request_duration_seconds",
                 "IMDS request latency by route",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            ]),
+            .buckets(super::LATENCY_BUCKETS.to_vec()),
             &["route"],
         )?;
         let tokens_issued = IntCounter::new(

@@ -32,6 +32,9 @@ use response::Body;
 /// The most a request's head (request line and headers) may take in the read buffer of a connection.
 pub const MAX_HEAD: usize = 80 * 1024;
 
+/// Histogram buckets of request latency, in seconds, for both credential endpoints.
+pub const LATENCY_BUCKETS: [f64; 11] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
 /// The most a request's header fields may take, names and values together.
 pub const MAX_HEADERS: usize = 16 * 1024;
 
