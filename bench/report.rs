@@ -37,6 +37,9 @@ const WATCH_RENEWAL: Duration = Duration::from_secs(2700);
 /// How often a real API server sends each watch a bookmark (its watch cache's bookmark frequency).
 const BOOKMARK_EVERY: Duration = Duration::from_secs(60);
 
+/// The least rate, as a share of the ceiling's, the speed targets ask for (issue #13; #5 asked 0.8).
+const RATE_TARGET: f64 = 0.9;
+
 /// Connection counts the speed targets apply to.
 const TARGET_CONNECTIONS: [usize; 3] = [1, 16, 64];
 
@@ -104,7 +107,7 @@ impl Results {
             let ratio = cell.agent.rate() / cell.ceiling.rate().max(1e-9);
             let p99_ratio =
                 cell.agent.quantile(0.99).as_secs_f64() / cell.ceiling.quantile(0.99).as_secs_f64().max(1e-12);
-            rate_ok &= ratio >= 0.8;
+            rate_ok &= ratio >= RATE_TARGET;
             p99_ok &= p99_ratio <= 1.25;
             rates.push(format!("{}: {ratio:.2}×", cell.connections));
             p99s.push(format!("{}: {p99_ratio:.2}×", cell.connections));
@@ -166,7 +169,7 @@ impl Results {
             let (rate_ok, p99_ok, rates, p99s) = self.speed_verdicts(mode);
             let _ = writeln!(
                 out,
-                "| {}: rate ≥ 0.8× ceiling at 1, 16, 64 connections | {rates} | {} |",
+                "| {}: rate ≥ {RATE_TARGET}× ceiling at 1, 16, 64 connections | {rates} | {} |",
                 mode.label(),
                 yes(rate_ok)
             );
