@@ -42,11 +42,12 @@ class Expression:
     program: celpy.Runner
 
 
-def compile_expression(where: str, source: str) -> Expression:
-    """Compiles one expression; a parse error is raised, never swallowed."""
+def compile_expression(where: str, source: str, functions: dict | None = None) -> Expression:
+    """Compiles one expression, with extra `functions` (the Kubernetes CEL library's, where cel-python
+    lacks them); a parse error is raised, never swallowed."""
     assert isinstance(source, str) and source.strip(), f"{where} is empty"
     ast = ENV.compile(source)
-    return Expression(where, source, ENV.program(ast))
+    return Expression(where, source, ENV.program(ast, functions=functions))
 
 
 class EvalError(Exception):
@@ -70,6 +71,23 @@ class Decision:
     how: str
     message: str = ""
     validation: dict | None = None
+
+
+def match_conditions(conditions, activation: dict) -> tuple[bool, list[str]]:
+    """Evaluates a policy's compiled matchConditions as the API server does: any false means not matched
+    (whatever errors the others raised); otherwise the errors, which the caller hands to failurePolicy."""
+    errors = []
+    for name, expr in conditions:
+        try:
+            value = run(expr, activation)
+        except EvalError as e:
+            errors.append(str(e))
+            continue
+        if not isinstance(value, celtypes.BoolType):
+            errors.append(f"matchCondition {name} returned {type(value).__name__}, not a bool")
+        elif not value:
+            return False, []
+    return True, errors
 
 
 def rule_matches(rule: dict, request: dict) -> bool:
@@ -167,18 +185,9 @@ class Policy:
             "request": celpy.json_to_cel(request),
         }
 
-        # matchConditions: any false wins over errors; an error with none false goes to failurePolicy.
-        errors = []
-        for name, expr in self.match_conditions:
-            try:
-                value = run(expr, activation)
-            except EvalError as e:
-                errors.append(str(e))
-                continue
-            if not isinstance(value, celtypes.BoolType):
-                errors.append(f"matchCondition {name} returned {type(value).__name__}, not a bool")
-            elif not value:
-                return Decision(True, "not-matched")
+        matched, errors = match_conditions(self.match_conditions, activation)
+        if not matched:
+            return Decision(True, "not-matched")
         if errors:
             return self.on_error("; ".join(errors))
 

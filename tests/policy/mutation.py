@@ -28,7 +28,8 @@ from pathlib import Path
 import celpy
 from celpy import celtypes
 
-from admission import EvalError, documents, only, rule_matches
+import admission
+from admission import EvalError, Expression, documents, match_conditions, only, rule_matches, run
 
 JSONPATCH_FIELDS = {"op", "path", "from", "value"}
 
@@ -80,29 +81,10 @@ def index_of(items, value):
 
 
 FUNCTIONS = {"indexOf": index_of}
-ENV = celpy.Environment()
-
-
-@dataclass
-class Expression:
-    where: str
-    source: str
-    program: celpy.Runner
 
 
 def compile_expression(where: str, source: str) -> Expression:
-    assert isinstance(source, str) and source.strip(), f"{where} is empty"
-    return Expression(where, source, ENV.program(ENV.compile(source), functions=FUNCTIONS))
-
-
-def run(expr: Expression, activation: dict):
-    try:
-        result = expr.program.evaluate(activation)
-    except celpy.CELEvalError as e:
-        raise EvalError(f"{expr.where}: {e.args[0] if e.args else e}") from e
-    if isinstance(result, celpy.CELEvalError):
-        raise EvalError(f"{expr.where}: {result.args[0] if result.args else result}")
-    return result
+    return admission.compile_expression(where, source, FUNCTIONS)
 
 
 def to_json(value):
@@ -269,18 +251,9 @@ class MutatingPolicy:
         labels = (obj.get("metadata") or {}).get("labels") or {}
         if not label_selector_matches(constraints.get("objectSelector"), labels):
             return Result("not-matched", obj)
-        activation = self._activation(request, obj)
-        errors = []
-        for name, expr in self.match_conditions:
-            try:
-                value = run(expr, activation)
-            except EvalError as e:
-                errors.append(str(e))
-                continue
-            if not isinstance(value, celtypes.BoolType):
-                errors.append(f"matchCondition {name} returned {type(value).__name__}, not a bool")
-            elif not value:
-                return Result("not-matched", obj)
+        matched, errors = match_conditions(self.match_conditions, self._activation(request, obj))
+        if not matched:
+            return Result("not-matched", obj)
         if errors:
             return self._error(request, "; ".join(errors))
 
