@@ -1,4 +1,5 @@
-//! What the cache hands out: one STS session's credentials with their IMDS document, rendered once.
+//! What the cache hands out: one STS session's credentials with their IMDS and container-credentials
+//! documents, each rendered once.
 
 use std::sync::OnceLock;
 
@@ -12,6 +13,7 @@ pub struct StsSession {
     /// The temporary credentials.
     pub credentials: Credentials,
     document: OnceLock<Bytes>,
+    container_document: OnceLock<Bytes>,
 }
 
 impl StsSession {
@@ -20,12 +22,20 @@ impl StsSession {
         Self {
             credentials,
             document: OnceLock::new(),
+            container_document: OnceLock::new(),
         }
     }
 
-    /// The wire form, rendered by `render` the first time and reused afterwards.
+    /// The IMDS wire form, rendered by `render` the first time and reused afterwards.
     pub fn document(&self, render: impl FnOnce(&Credentials) -> Bytes) -> Bytes {
         self.document.get_or_init(|| render(&self.credentials)).clone()
+    }
+
+    /// The container-credentials wire form, likewise (the same session serves both endpoints).
+    pub fn container_document(&self, render: impl FnOnce(&Credentials) -> Bytes) -> Bytes {
+        self.container_document
+            .get_or_init(|| render(&self.credentials))
+            .clone()
     }
 }
 

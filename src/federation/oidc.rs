@@ -105,23 +105,39 @@ impl Documents {
 
 /// Both documents as the API server serves them.
 pub async fn live(client: &kube::Client) -> Result<Documents, Error> {
-    async fn get(client: &kube::Client, path: &'static str) -> Result<Value, Error> {
-        let request = http::Request::get(path).body(Vec::new()).map_err(|e| Error::Invalid {
-            what: path.into(),
-            reason: e.to_string(),
-        })?;
-        let text = client
-            .request_text(request)
-            .await
-            .map_err(|source| Error::Kube { path, source })?;
-        parse(path, text.as_bytes())
-    }
     let documents = Documents {
-        discovery: get(client, "/.well-known/openid-configuration").await?,
+        discovery: get(client, DISCOVERY).await?,
         jwks: get(client, "/openid/v1/jwks").await?,
     };
     validate(&documents, "the API server's")?;
     Ok(documents)
+}
+
+/// The API server's issuer, from its discovery document alone.
+pub async fn live_issuer(client: &kube::Client) -> Result<String, Error> {
+    let discovery = get(client, DISCOVERY).await?;
+    match discovery.get("issuer").and_then(Value::as_str) {
+        Some(issuer) if !issuer.is_empty() => Ok(issuer.to_owned()),
+        _ => Err(Error::Invalid {
+            what: "the API server's discovery document".into(),
+            reason: "no issuer".into(),
+        }),
+    }
+}
+
+/// The API server's discovery document.
+const DISCOVERY: &str = "/.well-known/openid-configuration";
+
+async fn get(client: &kube::Client, path: &'static str) -> Result<Value, Error> {
+    let request = http::Request::get(path).body(Vec::new()).map_err(|e| Error::Invalid {
+        what: path.into(),
+        reason: e.to_string(),
+    })?;
+    let text = client
+        .request_text(request)
+        .await
+        .map_err(|source| Error::Kube { path, source })?;
+    parse(path, text.as_bytes())
 }
 
 fn parse(what: &str, bytes: &[u8]) -> Result<Value, Error> {

@@ -17,7 +17,7 @@
 //! Invariants: nothing from an unverified token is trusted or logged but the reason it failed; a
 //! caller gets credentials only for the pod its verified token is bound to.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -330,58 +330,67 @@ impl Metrics {
     }
 }
 
-/// The issuer tokens must carry: the flag's, or the API server's discovery document's.
-struct Issuer {
+/// What a presented token must say: the audience, and the issuer (the flag's, or the API server's
+/// discovery document's, read once on first use). Settled, it costs a request nothing but a read.
+struct Expected {
     client: kube::Client,
-    fixed: Option<String>,
-    discovered: Mutex<Discovered>,
+    audience: String,
+    settled: OnceLock<Expect>,
+    /// When discovery last failed, so a failing API server is asked at most every [`DISCOVERY_RETRY`].
+    failed_at: Mutex<Option<Instant>>,
 }
 
-#[derive(Default)]
-struct Discovered {
-    issuer: Option<Arc<str>>,
-    failed_at: Option<Instant>,
-}
+impl Expected {
+    fn new(client: kube::Client, config: Config) -> Self {
+        let settled = OnceLock::new();
+        if let Some(issuer) = config.issuer {
+            let _ = settled.set(Expect {
+                issuer,
+                audience: config.audience.clone(),
+            });
+        }
+        Self {
+            client,
+            audience: config.audience,
+            settled,
+            failed_at: Mutex::new(None),
+        }
+    }
 
-impl Issuer {
-    async fn get(&self) -> Result<Arc<str>, String> {
-        if let Some(fixed) = &self.fixed {
-            return Ok(fixed.as_str().into());
+    async fn get(&self) -> Result<&Expect, String> {
+        if let Some(expect) = self.settled.get() {
+            return Ok(expect);
         }
-        let mut discovered = self.discovered.lock().await;
-        if let Some(issuer) = &discovered.issuer {
-            return Ok(issuer.clone());
+        let mut failed_at = self.failed_at.lock().await;
+        // Another request may have settled it while this one waited for the lock.
+        if let Some(expect) = self.settled.get() {
+            return Ok(expect);
         }
-        if discovered.failed_at.is_some_and(|at| at.elapsed() < DISCOVERY_RETRY) {
+        if failed_at.is_some_and(|at| at.elapsed() < DISCOVERY_RETRY) {
             return Err("the last discovery failed moments ago".into());
         }
-        let live = tokio::time::timeout(DISCOVERY_TIMEOUT, crate::federation::oidc::live(&self.client)).await;
-        match live {
-            Ok(Ok(documents)) => {
-                let issuer = documents.issuer().to_owned();
+        let live = tokio::time::timeout(DISCOVERY_TIMEOUT, crate::federation::oidc::live_issuer(&self.client)).await;
+        let error = match live {
+            Ok(Ok(issuer)) => {
                 tracing::info!(%issuer, "service-account issuer read from the API server's discovery document");
-                let issuer: Arc<str> = issuer.into();
-                discovered.issuer = Some(issuer.clone());
-                Ok(issuer)
+                return Ok(self.settled.get_or_init(|| Expect {
+                    issuer,
+                    audience: self.audience.clone(),
+                }));
             }
-            Ok(Err(error)) => {
-                discovered.failed_at = Some(Instant::now());
-                Err(error.to_string())
-            }
-            Err(_) => {
-                discovered.failed_at = Some(Instant::now());
-                Err(format!("no discovery document within {DISCOVERY_TIMEOUT:?}"))
-            }
-        }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no discovery document within {DISCOVERY_TIMEOUT:?}"),
+        };
+        *failed_at = Some(Instant::now());
+        Err(error)
     }
 }
 
 /// The endpoint: settings, the cluster's signing keys and issuer, metrics.
 pub struct Endpoint {
-    audience: String,
     node_name: String,
     keys: KeySource,
-    issuer: Issuer,
+    expected: Expected,
     metrics: Metrics,
 }
 
@@ -394,14 +403,9 @@ impl Endpoint {
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         Ok(Self {
-            audience: config.audience,
             node_name,
             keys: KeySource::new(client.clone()),
-            issuer: Issuer {
-                client,
-                fixed: config.issuer,
-                discovered: Mutex::default(),
-            },
+            expected: Expected::new(client, config),
             metrics: Metrics::register(registry)?,
         })
     }
@@ -450,8 +454,7 @@ impl Handler {
         request: &Request<B>,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers();
-        let header_bytes: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        if header_bytes > super::MAX_HEADERS {
+        if super::headers_too_large(headers) {
             return Err(Refusal::HeadersTooLarge);
         }
         if request.method() != http::Method::GET {
@@ -472,7 +475,11 @@ impl Handler {
         let workload = self.token_pod(endpoint, &claims).await?;
         let role = self.container_role(&workload)?;
         match self.cache.get(&workload, &role).await {
-            Ok(session) => Ok(credentials_response(document(&session.credentials, role.account()))),
+            Ok(session) => {
+                Ok(credentials_response(session.container_document(|credentials| {
+                    document(credentials, role.account()).into()
+                })))
+            }
             Err(error) => {
                 let refusal = if error.is_transient() {
                     Refusal::Unavailable
@@ -494,15 +501,11 @@ impl Handler {
         peer: std::net::IpAddr,
         token: &str,
     ) -> Result<PodClaims, Refusal> {
-        let issuer = endpoint.issuer.get().await.map_err(|error| {
+        let expect = endpoint.expected.get().await.map_err(|error| {
             refusal!(self, Refusal::KeysUnavailable, warn, %peer, %error, "refusing container credentials: the service-account issuer is unknown");
             Refusal::KeysUnavailable
         })?;
-        let expect = Expect {
-            issuer: issuer.to_string(),
-            audience: endpoint.audience.clone(),
-        };
-        match endpoint.keys.verify(token, &expect, unix_now()).await {
+        match endpoint.keys.verify(token, expect, unix_now()).await {
             Ok(claims) => Ok(claims),
             Err(SourceError::Keys(error)) => {
                 refusal!(self, Refusal::KeysUnavailable, warn, %peer, %error, "refusing container credentials: the signing keys cannot be read");
@@ -518,7 +521,7 @@ impl Handler {
 
     /// The served pod of this node the claims name, once the view can say so.
     async fn token_pod(&self, endpoint: &Endpoint, claims: &PodClaims) -> Result<Arc<Workload>, Refusal> {
-        let pod = format!("{}/{}", claims.namespace, claims.pod_name);
+        let pod = PodOf(claims);
         if let Some(node) = claims.node.as_deref().filter(|n| *n != endpoint.node_name) {
             refusal!(self, Refusal::OtherNode, warn, %pod, token_node = %node, "refusing container credentials: the token's pod runs on another node");
             return Err(Refusal::OtherNode);
@@ -572,6 +575,16 @@ impl Handler {
     }
 }
 
+/// `namespace/name` of a token's pod, formatted only when a log line is written.
+#[derive(Clone, Copy)]
+struct PodOf<'a>(&'a PodClaims);
+
+impl std::fmt::Display for PodOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0.namespace, self.0.pod_name)
+    }
+}
+
 /// Whether IAM or Kubernetes said no (the pod owner's to fix), not merely failed.
 fn refused(error: &credentials::Error) -> bool {
     matches!(
@@ -581,8 +594,8 @@ fn refused(error: &credentials::Error) -> bool {
     ) || matches!(error, credentials::Error::Spire(e) if !e.is_transient())
 }
 
-fn credentials_response(body: String) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()));
+fn credentials_response(body: bytes::Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -172,8 +172,7 @@ impl Handler {
         {
             return self.container_credentials(endpoint, peer, &request).await;
         }
-        let header_bytes: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        let route = if header_bytes > super::MAX_HEADERS {
+        let route = if super::headers_too_large(request.headers()) {
             Err(Failure::HeadersTooLarge)
         } else {
             route_target(request.method(), request.uri())

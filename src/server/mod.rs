@@ -38,6 +38,11 @@ pub const LATENCY_BUCKETS: [f64; 11] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02
 /// The most a request's header fields may take, names and values together.
 pub const MAX_HEADERS: usize = 16 * 1024;
 
+/// Whether a request's header fields (names and values together) exceed [`MAX_HEADERS`].
+pub fn headers_too_large(headers: &http::HeaderMap) -> bool {
+    headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum::<usize>() > MAX_HEADERS
+}
+
 /// Serves `handler` on `listener` until `shutdown`, then stops accepting and lets in-flight requests
 /// finish for at most `drain`.
 pub async fn serve<H, F>(
