@@ -86,7 +86,7 @@ impl App {
             }
         };
         // hostNetwork pods are indexed (by UID only) just for the container-credentials endpoint.
-        let store = Store::new(boot_time).with_host_network(config.container_credentials.is_some());
+        let store = Store::new(boot_time, config.container_credentials.is_some());
         let (events_tx, events) = mpsc::channel(1024);
         let watch_metrics = watch::Metrics::register(&registry)?;
         let watcher = pods::watch::Watcher {

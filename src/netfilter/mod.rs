@@ -347,25 +347,40 @@ pub fn local_address(family: Family) -> LocalAddress {
     }
 }
 
-/// Removes `chain` and every jump to it from `hook`; the number of jumps removed, plus one for the
-/// chain. Nothing to remove (or no such table) is fine.
+/// What [`remove_chain`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ChainRemoval {
+    /// Jumps deleted from the hook.
+    pub jumps: usize,
+    /// Whether the chain existed (and is gone).
+    pub chain: bool,
+}
+
+impl ChainRemoval {
+    /// Whether anything was there.
+    pub fn any(self) -> bool {
+        self.jumps > 0 || self.chain
+    }
+}
+
+/// Removes `chain` and every jump to it from `hook`, as `hook_listing` (`-S hook`) shows them; nothing
+/// to remove is fine.
 pub(crate) fn remove_chain<B: Backend + ?Sized>(
     backend: &B,
     program: Program,
     table: Table,
-    hook: &str,
+    (hook, hook_listing): (&str, &str),
     chain: &str,
-) -> Result<usize, Error> {
-    let mut removed = 0;
-    let listing = backend.run(program, &argv(table, &["-S", hook]))?;
-    for spec in listed_rules(&listing, hook).iter().filter(|s| jumps_to(s, chain)) {
+) -> Result<ChainRemoval, Error> {
+    let mut removed = ChainRemoval::default();
+    for spec in listed_rules(hook_listing, hook).iter().filter(|s| jumps_to(s, chain)) {
         backend.run(program, &rule_argv(table, "-D", hook, spec))?;
-        removed += 1;
+        removed.jumps += 1;
     }
     if backend.run(program, &argv(table, &["-S", chain])).is_ok() {
         backend.run(program, &argv(table, &["-F", chain]))?;
         backend.run(program, &argv(table, &["-X", chain]))?;
-        removed += 1;
+        removed.chain = true;
     }
     Ok(removed)
 }
@@ -382,18 +397,15 @@ pub fn uninstall<B: Backend + ?Sized>(backend: &B) -> Result<Removed, Error> {
         let mut touched = false;
         for (table, hook, chain) in OWNED {
             // Listing the hook first tells whether this family's table exists at all.
-            match backend.run(program, &argv(table, &["-S", hook])) {
-                Ok(listing) => {
-                    removed.jumps += listed_rules(&listing, hook)
-                        .iter()
-                        .filter(|s| jumps_to(s, chain))
-                        .count();
-                }
+            let listing = match backend.run(program, &argv(table, &["-S", hook])) {
+                Ok(listing) => listing,
                 // No ip6tables binary, or no such table for this family: nothing of ours can be there.
                 Err(Error::Spawn { .. } | Error::Failed { .. }) if family == Family::V6 => continue,
                 Err(error) => return Err(error),
-            }
-            touched |= remove_chain(backend, program, table, hook, chain)? > 0;
+            };
+            let gone = remove_chain(backend, program, table, (hook, &listing), chain)?;
+            removed.jumps += gone.jumps;
+            touched |= gone.any();
         }
         let address = local_address(family);
         if backend

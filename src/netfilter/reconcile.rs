@@ -132,15 +132,20 @@ pub(super) fn ensure<B: Backend + ?Sized>(backend: &B, config: &Config) -> Resul
         if ensure_family(backend, &wanted)? == Outcome::Changed {
             outcome = Outcome::Changed;
         }
-        if !config.container_credentials
-            && super::remove_chain(backend, wanted.family.program(), Table::Nat, "OUTPUT", LOCAL_CHAIN)? > 0
-        {
+        if !config.container_credentials && remove_local_chain(backend, wanted.family)? {
             // Turned off: the node's own traffic is no longer sent to us (pods' no longer either, as
             // the rewritten nat chain shows). The address on `lo` is left to `iptables uninstall`.
             outcome = Outcome::Changed;
         }
     }
     Ok(outcome)
+}
+
+/// Removes [`LOCAL_CHAIN`] and its `OUTPUT` jump; whether either was there.
+fn remove_local_chain<B: Backend + ?Sized>(backend: &B, family: Family) -> Result<bool, Error> {
+    let program = family.program();
+    let listing = backend.run(program, &argv(Table::Nat, &["-S", "OUTPUT"]))?;
+    Ok(super::remove_chain(backend, program, Table::Nat, ("OUTPUT", &listing), LOCAL_CHAIN)?.any())
 }
 
 /// Puts the container-credentials address on `lo`, so that the node's own connections to it are local

@@ -64,26 +64,23 @@ pub struct Store {
 
 impl Default for Store {
     fn default() -> Self {
-        Self::new(None)
+        Self::new(None, false)
     }
 }
 
 impl Store {
-    /// An empty store for a node that booted at `boot_time` (Unix seconds; `None`: unknown).
-    pub fn new(boot_time: Option<i64>) -> Self {
+    /// An empty store for a node that booted at `boot_time` (Unix seconds; `None`: unknown), also
+    /// indexing `hostNetwork` pods (by UID only) when `host_network` (the container-credentials
+    /// endpoint is on).
+    pub fn new(boot_time: Option<i64>, host_network: bool) -> Self {
         Self {
-            index: Arc::new(RwLock::new(Index::with_boot_time(boot_time))),
+            index: Arc::new(RwLock::new(
+                Index::with_boot_time(boot_time).with_host_network(host_network),
+            )),
             generation: Arc::new(tokio::sync::watch::channel(0).0),
             view: Arc::new(tokio::sync::watch::channel(View::default()).0),
             whole: Arc::new(tokio::sync::watch::channel(false).0),
         }
-    }
-
-    /// The same store, also indexing `hostNetwork` pods by UID (the container-credentials endpoint is
-    /// on). Call before anything is indexed.
-    pub fn with_host_network(self, host_network: bool) -> Self {
-        self.write(|index| *index = std::mem::take(index).with_host_network(host_network));
-        self
     }
 
     /// The view now.
@@ -124,33 +121,35 @@ impl Store {
     /// The pod that owns `ip`, waiting until `deadline` for the watch to learn of it when it is not known
     /// yet (a pod that just started sends its first request before the API server's event reaches us).
     pub async fn lookup_or_wait(&self, ip: IpAddr, deadline: Instant) -> Lookup {
-        let found = self.lookup(ip);
-        if !matches!(found, Lookup::Unknown | Lookup::Pending) {
+        self.read_until(
+            deadline,
+            |index| index.lookup(ip),
+            |found| !matches!(found, Lookup::Unknown | Lookup::Pending),
+        )
+        .await
+    }
+
+    /// The pod with `uid`, waiting until `deadline` for the watch to learn of it when it is not known
+    /// yet (the kubelet mints a pod's token, and the pod may present it, before our watch event lands).
+    pub async fn by_uid_or_wait(&self, uid: &str, deadline: Instant) -> ByUid {
+        self.read_until(deadline, |index| index.by_uid(uid), |found| *found != ByUid::Unknown)
+            .await
+    }
+
+    /// What `look` reads from the index, read again on every change until `settled` says it is an
+    /// answer or `deadline` passes (then the last reading). A first reading that settles costs no
+    /// subscription: the common case, a known caller, stays a read.
+    async fn read_until<T>(&self, deadline: Instant, look: impl Fn(&Index) -> T, settled: impl Fn(&T) -> bool) -> T {
+        let found = self.read(&look);
+        if settled(&found) {
             return found;
         }
         let mut generation = self.generation.subscribe();
         loop {
             // Mark the current generation seen before looking, so a change in between wakes us.
             generation.borrow_and_update();
-            let found = self.lookup(ip);
-            if !matches!(found, Lookup::Unknown | Lookup::Pending) {
-                return found;
-            }
-            match tokio::time::timeout_at(deadline, generation.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return found,
-            }
-        }
-    }
-
-    /// The pod with `uid`, waiting until `deadline` for the watch to learn of it when it is not known
-    /// yet (the kubelet mints a pod's token, and the pod may present it, before our watch event lands).
-    pub async fn by_uid_or_wait(&self, uid: &str, deadline: Instant) -> ByUid {
-        let mut generation = self.generation.subscribe();
-        loop {
-            generation.borrow_and_update();
-            let found = self.read(|index| index.by_uid(uid));
-            if found != ByUid::Unknown {
+            let found = self.read(&look);
+            if settled(&found) {
                 return found;
             }
             match tokio::time::timeout_at(deadline, generation.changed()).await {
@@ -180,7 +179,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_lookup_returns_as_soon_as_the_pod_lands() {
-        let store = Store::new(None);
+        let store = Store::new(None, false);
         let writer = store.clone();
         let started = Instant::now();
         tokio::spawn(async move {
@@ -196,7 +195,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_lookup_gives_up_at_the_deadline() {
-        let store = Store::new(None);
+        let store = Store::new(None, false);
         let started = Instant::now();
         let found = store
             .lookup_or_wait("10.0.0.8".parse().unwrap(), started + Duration::from_millis(500))
