@@ -245,10 +245,12 @@ def test_the_daemonset_runs_critical_on_every_node_and_terminates_gracefully():
 
 
 def bench_idle_rss_mib(pods: int) -> float:
+    """The larger of the two idle readings (1 s after the last fetch, and settled after a heap trim) of
+    the benchmark's trimming agent with `pods` pods."""
     table = (ROOT / "bench" / "RESULTS.md").read_text()
-    row = re.search(rf"^\| {pods} \| \d+ \| \d+ \| ([\d.]+) MiB \|", table, re.M)
+    row = re.search(rf"^\| {pods} \| yes \| \d+ \| \d+ \| ([\d.]+) MiB \| ([\d.]+) MiB \|", table, re.M)
     assert row, f"bench/RESULTS.md has no memory row for {pods} pods"
-    return float(row.group(1))
+    return max(float(row.group(1)), float(row.group(2)))
 
 
 def mib(quantity: str) -> float:
