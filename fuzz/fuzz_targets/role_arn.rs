@@ -76,6 +76,7 @@ fn resolve(value: &str) {
         ips: Vec::new(),
         running: true,
         terminating: false,
+        host_network: false,
     };
     for (pod, sa) in [
         (Some(value), None),

@@ -79,6 +79,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
             ips: Vec::new(),
             running: true,
             terminating: false,
+            host_network: false,
         },
         sa_token: Secret::new("eyJhbGciOiJSUzI1NiJ9.fuzz.signature"),
     }
